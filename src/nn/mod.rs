@@ -1,0 +1,6 @@
+//! Network parameters: plain and masked (MADE) MLPs.
+
+pub mod made;
+pub mod mlp;
+
+pub use mlp::{Activation, Linear, Mlp};

@@ -1,0 +1,1 @@
+//! PNG figures for 2-D work.

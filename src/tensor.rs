@@ -1,0 +1,234 @@
+//! The host matrix: row-major f32, shape-checked. It is the CPU backend's storage and the
+//! currency in which every backend takes and returns data.
+
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Tensor {
+    rows: usize,
+    cols: usize,
+    data: Vec<f32>,
+}
+
+/// Anything with a row-major matrix shape (host tensors and device buffers alike).
+pub trait Shaped {
+    fn rows(&self) -> usize;
+    fn cols(&self) -> usize;
+    fn shape(&self) -> (usize, usize) {
+        (self.rows(), self.cols())
+    }
+    fn len(&self) -> usize {
+        self.rows() * self.cols()
+    }
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Errors unless the shape is exactly `rows × cols`.
+    fn expect_shape(&self, op: &'static str, rows: usize, cols: usize) -> Result<()> {
+        if self.shape() == (rows, cols) {
+            Ok(())
+        } else {
+            Err(Error::shape(
+                op,
+                format!("{rows}x{cols}"),
+                format!("{}x{}", self.rows(), self.cols()),
+            ))
+        }
+    }
+}
+
+impl Shaped for Tensor {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+impl Tensor {
+    pub fn zeros(rows: usize, cols: usize) -> Self {
+        Self::full(rows, cols, 0.0)
+    }
+
+    pub fn full(rows: usize, cols: usize, value: f32) -> Self {
+        Tensor {
+            rows,
+            cols,
+            data: vec![value; rows * cols],
+        }
+    }
+
+    pub fn from_vec(rows: usize, cols: usize, data: Vec<f32>) -> Result<Self> {
+        if data.len() != rows * cols {
+            return Err(Error::shape(
+                "Tensor::from_vec",
+                format!("{} values for {rows}x{cols}", rows * cols),
+                format!("{} values", data.len()),
+            ));
+        }
+        Ok(Tensor { rows, cols, data })
+    }
+
+    /// A matrix from rows of equal length.
+    pub fn from_rows(rows: &[Vec<f32>]) -> Result<Self> {
+        let cols = rows.first().map_or(0, Vec::len);
+        let mut data = Vec::with_capacity(rows.len() * cols);
+        for (i, r) in rows.iter().enumerate() {
+            if r.len() != cols {
+                return Err(Error::shape(
+                    "Tensor::from_rows",
+                    format!("{cols} columns"),
+                    format!("{} columns in row {i}", r.len()),
+                ));
+            }
+            data.extend_from_slice(r);
+        }
+        Ok(Tensor {
+            rows: rows.len(),
+            cols,
+            data,
+        })
+    }
+
+    pub fn from_fn(rows: usize, cols: usize, mut f: impl FnMut(usize, usize) -> f32) -> Self {
+        let mut data = Vec::with_capacity(rows * cols);
+        for i in 0..rows {
+            for j in 0..cols {
+                data.push(f(i, j));
+            }
+        }
+        Tensor { rows, cols, data }
+    }
+
+    /// Standard normal entries from a seeded generator.
+    pub fn randn(rows: usize, cols: usize, rng: &mut Rng) -> Self {
+        let mut t = Tensor::zeros(rows, cols);
+        rng.fill_normal(&mut t.data);
+        t
+    }
+
+    /// Uniform entries on [lo, hi).
+    pub fn rand_uniform(rows: usize, cols: usize, lo: f32, hi: f32, rng: &mut Rng) -> Self {
+        let mut t = Tensor::zeros(rows, cols);
+        for v in &mut t.data {
+            *v = lo + (hi - lo) * rng.uniform_f32();
+        }
+        t
+    }
+
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    pub fn data_mut(&mut self) -> &mut [f32] {
+        &mut self.data
+    }
+
+    pub fn into_vec(self) -> Vec<f32> {
+        self.data
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.cols..(i + 1) * self.cols]
+    }
+
+    pub fn row_mut(&mut self, i: usize) -> &mut [f32] {
+        let c = self.cols;
+        &mut self.data[i * c..(i + 1) * c]
+    }
+
+    pub fn get(&self, i: usize, j: usize) -> f32 {
+        self.data[i * self.cols + j]
+    }
+
+    pub fn set(&mut self, i: usize, j: usize, v: f32) {
+        self.data[i * self.cols + j] = v;
+    }
+
+    /// Rows `start..end` as a new matrix.
+    pub fn slice_rows(&self, start: usize, end: usize) -> Tensor {
+        let end = end.min(self.rows);
+        let start = start.min(end);
+        Tensor {
+            rows: end - start,
+            cols: self.cols,
+            data: self.data[start * self.cols..end * self.cols].to_vec(),
+        }
+    }
+
+    /// The rows named by `idx`, in that order.
+    pub fn gather_rows(&self, idx: &[usize]) -> Result<Tensor> {
+        let mut data = Vec::with_capacity(idx.len() * self.cols);
+        for &i in idx {
+            if i >= self.rows {
+                return Err(Error::invalid(format!(
+                    "row index {i} out of range for {} rows",
+                    self.rows
+                )));
+            }
+            data.extend_from_slice(self.row(i));
+        }
+        Ok(Tensor {
+            rows: idx.len(),
+            cols: self.cols,
+            data,
+        })
+    }
+
+    /// Stacks matrices with the same number of columns on top of each other.
+    pub fn vstack(parts: &[&Tensor]) -> Result<Tensor> {
+        let cols = parts.first().map_or(0, |t| t.cols);
+        let mut data = Vec::new();
+        let mut rows = 0;
+        for p in parts {
+            if p.cols != cols {
+                return Err(Error::shape("Tensor::vstack", cols, p.cols));
+            }
+            data.extend_from_slice(&p.data);
+            rows += p.rows;
+        }
+        Ok(Tensor { rows, cols, data })
+    }
+
+    pub fn map(&self, f: impl Fn(f32) -> f32) -> Tensor {
+        Tensor {
+            rows: self.rows,
+            cols: self.cols,
+            data: self.data.iter().map(|&v| f(v)).collect(),
+        }
+    }
+
+    pub fn transpose(&self) -> Tensor {
+        Tensor::from_fn(self.cols, self.rows, |i, j| self.get(j, i))
+    }
+
+    /// Errors on the first NaN or infinity, naming where it is.
+    pub fn check_finite(&self, what: &str) -> Result<()> {
+        match self.data.iter().position(|v| !v.is_finite()) {
+            None => Ok(()),
+            Some(k) => Err(Error::NonFinite {
+                what: what.to_string(),
+                row: k / self.cols.max(1),
+                col: k % self.cols.max(1),
+            }),
+        }
+    }
+
+    /// Sum of all entries, accumulated in f64.
+    pub fn sum_f64(&self) -> f64 {
+        self.data.iter().map(|&v| v as f64).sum()
+    }
+
+    /// Largest |a - b| over all entries (shapes must match).
+    pub fn max_abs_diff(&self, other: &Tensor) -> Result<f32> {
+        other.expect_shape("Tensor::max_abs_diff", self.rows, self.cols)?;
+        Ok(self
+            .data
+            .iter()
+            .zip(&other.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max))
+    }
+}

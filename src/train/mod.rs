@@ -1,0 +1,1 @@
+//! Training: data sets and loaders, the trainer, checkpoints.
