@@ -11,7 +11,11 @@ pub enum OdeFailure {
     #[error("step size underflow at t = {t} (row {row}, h = {h:e})")]
     StepUnderflow { row: usize, t: f64, h: f64 },
     #[error("more than {max_steps} steps (row {row} reached t = {t})")]
-    MaxSteps { row: usize, t: f64, max_steps: usize },
+    MaxSteps {
+        row: usize,
+        t: f64,
+        max_steps: usize,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

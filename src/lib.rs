@@ -14,6 +14,8 @@ pub mod ops;
 pub mod plot;
 pub mod rng;
 pub mod tensor;
+#[doc(hidden)]
+pub mod testing;
 pub mod train;
 
 pub use backend::{Backend, Cpu, Device};

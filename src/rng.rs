@@ -64,7 +64,11 @@ impl Rng {
 
     /// +1 or -1 with equal probability.
     pub fn rademacher(&mut self) -> f32 {
-        if self.inner.random::<bool>() { 1.0 } else { -1.0 }
+        if self.inner.random::<bool>() {
+            1.0
+        } else {
+            -1.0
+        }
     }
 
     /// A uniformly random permutation of 0..n (Fisher–Yates).

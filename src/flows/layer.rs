@@ -35,9 +35,14 @@ pub enum LayerConfig {
     },
     /// Element-wise x = z ⊙ exp(log_scale) + loc. `trainable: false` is the fixed
     /// standardisation layer that carries the data's own units.
-    ActNorm { dim: usize, trainable: bool },
+    ActNorm {
+        dim: usize,
+        trainable: bool,
+    },
     /// x[:, j] = z[:, perm[j]].
-    Permute { perm: Vec<u32> },
+    Permute {
+        perm: Vec<u32>,
+    },
 }
 
 /// A layer moved to the host: its config and its named tensors.

@@ -176,7 +176,9 @@ impl<M: Shaped> Mlp<M> {
     /// Checks that consecutive layers fit together and biases are 1×out.
     pub fn check(&self, op: &'static str) -> Result<()> {
         if self.layers.is_empty() {
-            return Err(Error::invalid(format!("{op}: an MLP needs at least one layer")));
+            return Err(Error::invalid(format!(
+                "{op}: an MLP needs at least one layer"
+            )));
         }
         let mut width = self.in_dim();
         for l in &self.layers {

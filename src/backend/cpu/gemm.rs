@@ -14,7 +14,12 @@ pub struct View<'a> {
 impl<'a> View<'a> {
     pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
         debug_assert!(data.len() >= rows * cols);
-        View { data, rows, cols, t: false }
+        View {
+            data,
+            rows,
+            cols,
+            t: false,
+        }
     }
 
     pub fn t(self) -> Self {
@@ -23,12 +28,20 @@ impl<'a> View<'a> {
 
     /// Shape as used (after the optional transpose).
     fn used_shape(&self) -> (usize, usize) {
-        if self.t { (self.cols, self.rows) } else { (self.rows, self.cols) }
+        if self.t {
+            (self.cols, self.rows)
+        } else {
+            (self.rows, self.cols)
+        }
     }
 
     /// (row stride, column stride) of the matrix as used.
     fn strides(&self) -> (isize, isize) {
-        if self.t { (1, self.cols as isize) } else { (self.cols as isize, 1) }
+        if self.t {
+            (1, self.cols as isize)
+        } else {
+            (self.cols as isize, 1)
+        }
     }
 }
 
@@ -110,7 +123,12 @@ mod tests {
         let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
         let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
         let mut c2 = vec![1.0; m * n];
-        matmul(&mut c2, View::new(&at, k, m).t(), View::new(&bt, n, k).t(), true);
+        matmul(
+            &mut c2,
+            View::new(&at, k, m).t(),
+            View::new(&bt, n, k).t(),
+            true,
+        );
         for (x, y) in c2.iter().zip(&want) {
             assert!((x - (y + 1.0)).abs() < 1e-5);
         }

@@ -29,7 +29,12 @@ pub fn forward(net: &Mlp<Tensor>, x: &[f32], rows: usize) -> MlpTape {
         for r in 0..rows {
             y[r * m..(r + 1) * m].copy_from_slice(layer.b.data());
         }
-        matmul(&mut y, View::new(input, rows, k), View::new(layer.w.data(), k, m), true);
+        matmul(
+            &mut y,
+            View::new(input, rows, k),
+            View::new(layer.w.data(), k, m),
+            true,
+        );
         if l + 1 == n {
             out = y;
         } else {
@@ -112,6 +117,7 @@ pub fn add_into(dst: &mut Mlp<Tensor>, src: &Mlp<Tensor>) {
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)]
 mod tests {
     use super::*;
     use crate::rng::Rng;
@@ -127,7 +133,11 @@ mod tests {
             let c = Tensor::randn(rows, 2, &mut rng);
             let loss = |net: &Mlp<Tensor>, x: &[f32]| -> f64 {
                 let t = forward(net, x, rows);
-                t.out.iter().zip(c.data()).map(|(a, b)| (a * b) as f64).sum()
+                t.out
+                    .iter()
+                    .zip(c.data())
+                    .map(|(a, b)| (a * b) as f64)
+                    .sum()
             };
             let tape = forward(&net, x.data(), rows);
             let mut grads = net.zeros_like();
@@ -139,7 +149,11 @@ mod tests {
                 let mut xm = x.clone();
                 xm.data_mut()[i] -= eps;
                 let fd = (loss(&net, xp.data()) - loss(&net, xm.data())) / (2.0 * eps as f64);
-                assert!((fd - dx[i] as f64).abs() < 2e-3, "{act:?} dx[{i}]: fd {fd} vs {}", dx[i]);
+                assert!(
+                    (fd - dx[i] as f64).abs() < 2e-3,
+                    "{act:?} dx[{i}]: fd {fd} vs {}",
+                    dx[i]
+                );
             }
             for (ti, g) in grads.tensors().iter().enumerate() {
                 for i in 0..g.len() {
@@ -149,7 +163,10 @@ mod tests {
                     m.tensors_mut()[ti].data_mut()[i] -= eps;
                     let fd = (loss(&p, x.data()) - loss(&m, x.data())) / (2.0 * eps as f64);
                     let an = g.data()[i] as f64;
-                    assert!((fd - an).abs() < 2e-3, "{act:?} param {ti}[{i}]: fd {fd} vs {an}");
+                    assert!(
+                        (fd - an).abs() < 2e-3,
+                        "{act:?} param {ti}[{i}]: fd {fd} vs {an}"
+                    );
                 }
             }
         }

@@ -95,13 +95,20 @@ impl CouplingSpec {
     /// Checks the spec, the conditioner's shape and the batch's shape together.
     pub fn check<M: Shaped>(&self, op: &'static str, net: &Mlp<M>, input: &M) -> Result<()> {
         if self.dim < 2 {
-            return Err(Error::invalid(format!("{op}: coupling needs dim >= 2, got {}", self.dim)));
+            return Err(Error::invalid(format!(
+                "{op}: coupling needs dim >= 2, got {}",
+                self.dim
+            )));
         }
         match self.kind {
             CouplingKind::Affine { clamp } if !(clamp > 0.0 && clamp.is_finite()) => {
-                return Err(Error::invalid(format!("{op}: affine clamp must be positive, got {clamp}")));
+                return Err(Error::invalid(format!(
+                    "{op}: affine clamp must be positive, got {clamp}"
+                )));
             }
-            CouplingKind::Spline { bins, bound } if bins < 2 || !(bound > 0.0 && bound.is_finite()) => {
+            CouplingKind::Spline { bins, bound }
+                if bins < 2 || !(bound > 0.0 && bound.is_finite()) =>
+            {
                 return Err(Error::invalid(format!(
                     "{op}: spline needs bins >= 2 and a positive bound, got {bins} bins on ±{bound}"
                 )));

@@ -6,9 +6,19 @@ use crate::error::{Error, Result};
 use crate::ops::Direction;
 use crate::tensor::{Shaped, Tensor};
 
-fn zip_with(op: &'static str, x: &Tensor, y: &Tensor, f: impl Fn(f32, f32) -> f32) -> Result<Tensor> {
+fn zip_with(
+    op: &'static str,
+    x: &Tensor,
+    y: &Tensor,
+    f: impl Fn(f32, f32) -> f32,
+) -> Result<Tensor> {
     y.expect_shape(op, x.rows(), x.cols())?;
-    let data = x.data().iter().zip(y.data()).map(|(&a, &b)| f(a, b)).collect();
+    let data = x
+        .data()
+        .iter()
+        .zip(y.data())
+        .map(|(&a, &b)| f(a, b))
+        .collect();
     Tensor::from_vec(x.rows(), x.cols(), data)
 }
 
@@ -27,9 +37,15 @@ impl ElementOps for Cpu {
 
     fn gather_cols(&self, x: &Tensor, perm: &Vec<u32>) -> Result<Tensor> {
         if perm.len() != x.cols() || perm.iter().any(|&p| p as usize >= x.cols()) {
-            return Err(Error::shape("gather_cols", format!("{} indices below {}", x.cols(), x.cols()), format!("{perm:?}")));
+            return Err(Error::shape(
+                "gather_cols",
+                format!("{} indices below {}", x.cols(), x.cols()),
+                format!("{perm:?}"),
+            ));
         }
-        Ok(Tensor::from_fn(x.rows(), x.cols(), |i, j| x.get(i, perm[j] as usize)))
+        Ok(Tensor::from_fn(x.rows(), x.cols(), |i, j| {
+            x.get(i, perm[j] as usize)
+        }))
     }
 
     fn gather_rows(&self, x: &Tensor, idx: &Vec<u32>) -> Result<Tensor> {
@@ -37,15 +53,27 @@ impl ElementOps for Cpu {
         x.gather_rows(&idx)
     }
 
-    fn scale_shift(&self, x: &Tensor, loc: &Tensor, log_scale: &Tensor, dir: Direction) -> Result<(Tensor, Tensor)> {
+    fn scale_shift(
+        &self,
+        x: &Tensor,
+        loc: &Tensor,
+        log_scale: &Tensor,
+        dir: Direction,
+    ) -> Result<(Tensor, Tensor)> {
         let d = x.cols();
         loc.expect_shape("scale_shift", 1, d)?;
         log_scale.expect_shape("scale_shift", 1, d)?;
         let (m, ls) = (loc.data(), log_scale.data());
         let total: f64 = ls.iter().map(|&v| v as f64).sum();
         let (y, ld) = match dir {
-            Direction::Forward => (Tensor::from_fn(x.rows(), d, |i, j| x.get(i, j) * ls[j].exp() + m[j]), total),
-            Direction::Inverse => (Tensor::from_fn(x.rows(), d, |i, j| (x.get(i, j) - m[j]) * (-ls[j]).exp()), -total),
+            Direction::Forward => (
+                Tensor::from_fn(x.rows(), d, |i, j| x.get(i, j) * ls[j].exp() + m[j]),
+                total,
+            ),
+            Direction::Inverse => (
+                Tensor::from_fn(x.rows(), d, |i, j| (x.get(i, j) - m[j]) * (-ls[j]).exp()),
+                -total,
+            ),
         };
         Ok((y, Tensor::full(x.rows(), 1, ld as f32)))
     }

@@ -7,13 +7,36 @@ use crate::ops::Direction;
 use crate::tensor::Tensor;
 
 impl MadeOps for Cpu {
-    fn ar_parallel(&self, _spec: &MadeSpec, _net: &Mlp<Tensor>, _degrees: &[Vec<u32>], _input: &Tensor, _dir: Direction) -> Result<(Tensor, Tensor)> {
+    fn ar_parallel(
+        &self,
+        _spec: &MadeSpec,
+        _net: &Mlp<Tensor>,
+        _degrees: &[Vec<u32>],
+        _input: &Tensor,
+        _dir: Direction,
+    ) -> Result<(Tensor, Tensor)> {
         todo!()
     }
-    fn ar_parallel_backward(&self, _spec: &MadeSpec, _net: &Mlp<Tensor>, _degrees: &[Vec<u32>], _input: &Tensor, _dir: Direction, _d_out: &Tensor, _d_logdet: &Tensor) -> Result<(Tensor, Mlp<Tensor>)> {
+    fn ar_parallel_backward(
+        &self,
+        _spec: &MadeSpec,
+        _net: &Mlp<Tensor>,
+        _degrees: &[Vec<u32>],
+        _input: &Tensor,
+        _dir: Direction,
+        _d_out: &Tensor,
+        _d_logdet: &Tensor,
+    ) -> Result<(Tensor, Mlp<Tensor>)> {
         todo!()
     }
-    fn ar_sequential(&self, _spec: &MadeSpec, _net: &Mlp<Tensor>, _degrees: &[Vec<u32>], _input: &Tensor, _dir: Direction) -> Result<(Tensor, Tensor)> {
+    fn ar_sequential(
+        &self,
+        _spec: &MadeSpec,
+        _net: &Mlp<Tensor>,
+        _degrees: &[Vec<u32>],
+        _input: &Tensor,
+        _dir: Direction,
+    ) -> Result<(Tensor, Tensor)> {
         todo!()
     }
 }

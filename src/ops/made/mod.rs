@@ -32,7 +32,11 @@ impl MadeSpec {
     /// Is the weight from degree `a` (layer input) to degree `c` (layer output) of layer `l` live?
     #[inline]
     pub fn connected(&self, layer: usize, a: u32, c: u32) -> bool {
-        if layer + 1 == self.degrees.len() - 1 { c > a } else { c >= a }
+        if layer + 1 == self.degrees.len() - 1 {
+            c > a
+        } else {
+            c >= a
+        }
     }
 
     /// The input order: `order()[k]` is the column with degree k + 1.
@@ -46,34 +50,55 @@ impl MadeSpec {
     pub fn check<M: Shaped>(&self, op: &'static str, net: &Mlp<M>, input: &M) -> Result<()> {
         let d = self.dim;
         if d < 2 {
-            return Err(Error::invalid(format!("{op}: an autoregressive layer needs dim >= 2")));
+            return Err(Error::invalid(format!(
+                "{op}: an autoregressive layer needs dim >= 2"
+            )));
         }
         if !(self.clamp > 0.0 && self.clamp.is_finite()) {
-            return Err(Error::invalid(format!("{op}: clamp must be positive, got {}", self.clamp)));
+            return Err(Error::invalid(format!(
+                "{op}: clamp must be positive, got {}",
+                self.clamp
+            )));
         }
         net.check(op)?;
         let widths = net.widths();
         if widths.len() != self.degrees.len() {
-            return Err(Error::shape(op, format!("{} degree vectors", widths.len()), self.degrees.len()));
+            return Err(Error::shape(
+                op,
+                format!("{} degree vectors", widths.len()),
+                self.degrees.len(),
+            ));
         }
         for (l, (w, deg)) in widths.iter().zip(&self.degrees).enumerate() {
             if *w != deg.len() {
-                return Err(Error::shape(op, format!("{w} degrees in layer {l}"), deg.len()));
+                return Err(Error::shape(
+                    op,
+                    format!("{w} degrees in layer {l}"),
+                    deg.len(),
+                ));
             }
         }
         if widths[0] != d || *widths.last().unwrap_or(&0) != 2 * d {
-            return Err(Error::shape(op, format!("MADE {d} -> {}", 2 * d), format!("{widths:?}")));
+            return Err(Error::shape(
+                op,
+                format!("MADE {d} -> {}", 2 * d),
+                format!("{widths:?}"),
+            ));
         }
         let mut seen = vec![false; d];
         for &k in &self.degrees[0] {
             if k == 0 || k as usize > d || std::mem::replace(&mut seen[k as usize - 1], true) {
-                return Err(Error::invalid(format!("{op}: input degrees must be a permutation of 1..={d}")));
+                return Err(Error::invalid(format!(
+                    "{op}: input degrees must be a permutation of 1..={d}"
+                )));
             }
         }
         let out = &self.degrees[self.degrees.len() - 1];
         for j in 0..d {
             if out[j] != self.degrees[0][j] || out[d + j] != self.degrees[0][j] {
-                return Err(Error::invalid(format!("{op}: output degrees must repeat the input degrees")));
+                return Err(Error::invalid(format!(
+                    "{op}: output degrees must repeat the input degrees"
+                )));
             }
         }
         input.expect_shape(op, input.rows(), d)
