@@ -3,6 +3,8 @@
 //! body runs on all of them.
 
 pub mod cpu;
+pub mod cuda;
+pub mod grid;
 
 pub use cpu::Cpu;
 

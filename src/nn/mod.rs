@@ -1,5 +1,6 @@
 //! Network parameters: plain and masked (MADE) MLPs.
 
+pub mod adam;
 pub mod made;
 pub mod mlp;
 

@@ -1,1 +1,2 @@
 //! Training: data sets and loaders, the trainer, checkpoints.
+pub mod trainer;

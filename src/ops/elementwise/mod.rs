@@ -2,6 +2,7 @@
 //! (losses, permutations, ActNorm, mini-batch gathers).
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::backend::Device;
 use crate::error::Result;

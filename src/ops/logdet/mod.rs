@@ -3,6 +3,7 @@
 //! `row_sum`; the batch NLL and gradient norms are reductions over the whole batch.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::backend::Device;
 use crate::error::Result;

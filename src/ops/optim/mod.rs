@@ -1,6 +1,7 @@
 //! The optimiser update, applied where the parameters live.
 
 pub mod cpu;
+pub mod cuda;
 
 use serde::{Deserialize, Serialize};
 
