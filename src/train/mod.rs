@@ -1,1 +1,6 @@
 //! Training: data sets and loaders, the trainer, checkpoints.
+
+pub mod checkpoint;
+pub mod csv;
+pub mod data;
+pub mod npy;
