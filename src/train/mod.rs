@@ -1,2 +1,7 @@
 //! Training: data sets and loaders, the trainer, checkpoints.
+
+pub mod checkpoint;
+pub mod csv;
+pub mod data;
+pub mod npy;
 pub mod trainer;
