@@ -350,6 +350,33 @@ fn backward_integration_returns_to_the_start() {
 }
 
 #[test]
+fn backward_dense_output_follows_the_solution() {
+    // y' = −y from t = 3 down to t = 0 with y(3) = e^{−3}: y(t) = e^{−t}.
+    let t_eval = vec![3.0, 2.2, 1.5, 0.3, 0.0];
+    let tol = 1e-8;
+    let sol = solve_ivp(
+        |_t, y, dy| {
+            dy[0] = -y[0];
+            Ok(())
+        },
+        3.0,
+        0.0,
+        &[(-3.0f64).exp()],
+        &tight(tol).t_eval(t_eval.clone()),
+    )
+    .unwrap();
+    for (k, &t) in t_eval.iter().enumerate() {
+        let want = (-t).exp();
+        let got = sol.y_eval[k][0];
+        assert!(
+            (got - want).abs() < 10.0 * tol * want,
+            "t = {t}: {got} vs {want}"
+        );
+    }
+    assert_eq!(sol.y_eval[4], sol.y);
+}
+
+#[test]
 fn per_row_spans_may_differ_in_length_and_direction() {
     let rhs = |t: &[f64], y: &[f64], dy: &mut [f64]| -> flowfuse::Result<()> {
         for i in 0..t.len() {

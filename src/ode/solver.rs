@@ -114,7 +114,7 @@ where
     for &r in rows {
         stats.nfe[r] += 1;
     }
-    let dim = dy.len() / rows.len();
+    let dim = dy.len() / rows.len().max(1);
     if let Some(k) = dy.iter().position(|v| !v.is_finite()) {
         let i = k / dim;
         return Err(OdeFailure::NonFinite {
