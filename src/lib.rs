@@ -10,6 +10,7 @@ pub mod backend;
 pub mod error;
 pub mod flows;
 pub mod nn;
+pub mod ode;
 pub mod ops;
 pub mod plot;
 pub mod rng;
