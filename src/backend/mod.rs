@@ -11,7 +11,7 @@ pub use cpu::Cpu;
 use crate::error::Result;
 use crate::ops::{
     coupling::CouplingOps, elementwise::ElementOps, logdet::LogdetOps, made::MadeOps,
-    optim::OptimOps,
+    optim::OptimOps, rk45::Rk45Ops,
 };
 use crate::tensor::{Shaped, Tensor};
 
@@ -35,6 +35,12 @@ pub trait Device: Send + Sync + 'static {
 }
 
 /// Every op family together: what a flow needs from a device.
-pub trait Backend: Device + CouplingOps + MadeOps + LogdetOps + ElementOps + OptimOps {}
+pub trait Backend:
+    Device + CouplingOps + MadeOps + LogdetOps + ElementOps + OptimOps + Rk45Ops
+{
+}
 
-impl<T: Device + CouplingOps + MadeOps + LogdetOps + ElementOps + OptimOps> Backend for T {}
+impl<T: Device + CouplingOps + MadeOps + LogdetOps + ElementOps + OptimOps + Rk45Ops> Backend
+    for T
+{
+}

@@ -23,4 +23,6 @@ pub use controller::{
 pub use ivp::{IvpSolution, solve_ivp};
 pub use options::{OdeOptions, Span, Stepping};
 pub use solution::{BatchSolution, SolveStats};
-pub use solver::{solve_batch, solve_batch_rows};
+pub use solver::{
+    AcceptedSteps, StepObserver, solve_batch, solve_batch_rows, solve_batch_rows_observed,
+};

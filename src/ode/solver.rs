@@ -46,13 +46,87 @@ pub fn solve_batch_rows<F>(
 where
     F: FnMut(&[usize], &[f64], &[f64], &mut [f64]) -> Result<()>,
 {
+    solve_batch_rows_observed(f, &mut (), y0, dim, span, opts)
+}
+
+/// The steps accepted in one attempt of the batch, in the caller's row order of `rows`, as seen
+/// before the rows advance: row i stepped from (`t[i]`, `y` row i) with signed step `h[i]`, and
+/// `k[s]` row i is its stage derivative K_s (see [`super::tableau`]). A quadrature of another
+/// quantity along the solution (e.g. an adjoint's parameter gradient) can rebuild the stage
+/// states y + h·Σ_j A[s][j]·K_j from these and weight them by h·B5[s].
+pub struct AcceptedSteps<'a> {
+    pub dim: usize,
+    pub rows: &'a [usize],
+    pub t: &'a [f64],
+    pub h: &'a [f64],
+    /// rows.len() × dim.
+    pub y: &'a [f64],
+    /// STAGES slices of rows.len() × dim.
+    pub k: [&'a [f64]; STAGES],
+}
+
+/// Sees every accepted step of a solve (see [`solve_batch_rows_observed`]).
+pub trait StepObserver {
+    /// Called once per attempt that accepted at least one row; an error stops the solve.
+    fn accepted(&mut self, steps: &AcceptedSteps<'_>) -> Result<()>;
+
+    /// False for the no-op observer, so that plain solves do not copy the stages.
+    fn wants_steps(&self) -> bool {
+        true
+    }
+}
+
+/// The no-op observer.
+impl StepObserver for () {
+    fn accepted(&mut self, _steps: &AcceptedSteps<'_>) -> Result<()> {
+        Ok(())
+    }
+    fn wants_steps(&self) -> bool {
+        false
+    }
+}
+
+/// As [`solve_batch_rows`], and `observer` is shown every accepted step (its start, step size
+/// and stages) before the rows advance.
+pub fn solve_batch_rows_observed<F, O>(
+    f: F,
+    observer: &mut O,
+    y0: &[f64],
+    dim: usize,
+    span: impl Into<Span>,
+    opts: &OdeOptions,
+) -> Result<BatchSolution>
+where
+    F: FnMut(&[usize], &[f64], &[f64], &mut [f64]) -> Result<()>,
+    O: StepObserver + ?Sized,
+{
     let span = span.into();
     let rows = validate_state(y0, dim)?;
     opts.validate(&span, rows)?;
     let mut run = Run::new(f, y0, dim, &span, opts);
     run.start()?;
-    while run.step_active_rows()? {}
+    while run.step_active_rows(observer)? {}
     Ok(run.finish())
+}
+
+/// Copies of the accepted steps of one attempt, for a [`StepObserver`].
+#[derive(Default)]
+struct AcceptedBuffer {
+    rows: Vec<usize>,
+    t: Vec<f64>,
+    h: Vec<f64>,
+    y: Vec<f64>,
+    k: [Vec<f64>; STAGES],
+}
+
+impl AcceptedBuffer {
+    fn clear(&mut self) {
+        self.rows.clear();
+        self.t.clear();
+        self.h.clear();
+        self.y.clear();
+        self.k.iter_mut().for_each(Vec::clear);
+    }
 }
 
 fn validate_state(y0: &[f64], dim: usize) -> Result<usize> {
@@ -156,6 +230,7 @@ struct Run<'a, F> {
     err_vec: Vec<f64>,
     /// The row with the largest error in the last shared step.
     worst_row: usize,
+    accepted_steps: AcceptedBuffer,
 }
 
 impl<'a, F> Run<'a, F>
@@ -195,6 +270,7 @@ where
             k: std::array::from_fn(|_| vec![0.0; rows * dim]),
             err_vec: vec![0.0; dim],
             worst_row: 0,
+            accepted_steps: AcceptedBuffer::default(),
         }
     }
 
@@ -298,7 +374,7 @@ where
     }
 
     /// One step attempt for every active row. Returns false when no row is left.
-    fn step_active_rows(&mut self) -> Result<bool> {
+    fn step_active_rows<O: StepObserver + ?Sized>(&mut self, observer: &mut O) -> Result<bool> {
         self.collect_active();
         let n = self.active.len();
         if n == 0 {
@@ -307,7 +383,22 @@ where
         self.propose_steps();
         self.run_stages()?;
         self.estimate_errors()?;
-        self.apply_decisions()?;
+        let observe = observer.wants_steps();
+        if observe {
+            self.accepted_steps.clear();
+        }
+        self.apply_decisions(observe)?;
+        if observe && !self.accepted_steps.rows.is_empty() {
+            let b = &self.accepted_steps;
+            observer.accepted(&AcceptedSteps {
+                dim: self.dim,
+                rows: &b.rows,
+                t: &b.t,
+                h: &b.h,
+                y: &b.y,
+                k: std::array::from_fn(|s| b.k[s].as_slice()),
+            })?;
+        }
         Ok(true)
     }
 
@@ -414,7 +505,7 @@ where
 
     /// Accepts or rejects each row's attempt, writes dense output, advances accepted rows and
     /// sets the next step size; fails on step-size underflow or an exhausted step budget.
-    fn apply_decisions(&mut self) -> Result<()> {
+    fn apply_decisions(&mut self, observe: bool) -> Result<()> {
         let d = self.dim;
         let controller = self.opts.controller;
         // In shared stepping the row with the largest error limits the step: a failure names it.
@@ -424,6 +515,9 @@ where
             let decision = controller.decide(self.err[i], &mut self.memory[r]);
             let h = self.h[i];
             if decision.accept {
+                if observe {
+                    self.record_accepted(i, r);
+                }
                 self.emit_dense_output(i, r);
                 self.y[r * d..(r + 1) * d].copy_from_slice(&self.y_stage[i * d..(i + 1) * d]);
                 self.f_now[r * d..(r + 1) * d]
@@ -454,6 +548,19 @@ where
             }
         }
         Ok(())
+    }
+
+    /// Copies active row i's (caller's row r) accepted step for the observer, before it advances.
+    fn record_accepted(&mut self, i: usize, r: usize) {
+        let d = self.dim;
+        let b = &mut self.accepted_steps;
+        b.rows.push(r);
+        b.t.push(self.t[r]);
+        b.h.push(self.h[i]);
+        b.y.extend_from_slice(&self.y[r * d..(r + 1) * d]);
+        for (dst, src) in b.k.iter_mut().zip(&self.k) {
+            dst.extend_from_slice(&src[i * d..(i + 1) * d]);
+        }
     }
 
     /// Writes row r's output for every t_eval point at its current time (used at t0, and for

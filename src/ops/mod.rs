@@ -7,6 +7,7 @@ pub mod elementwise;
 pub mod logdet;
 pub mod made;
 pub mod optim;
+pub mod rk45;
 
 use serde::{Deserialize, Serialize};
 
