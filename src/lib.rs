@@ -4,9 +4,11 @@
 //! - [`flows`]: coupling (RealNVP, NICE, spline), autoregressive (MAF, IAF), ActNorm and
 //!   permutation layers, and [`flows::Flow`] = standard-normal base + layers.
 //! - [`backend`]: the seam every op goes through; [`backend::Cpu`] is the reference.
+//! - [`cnf`]: continuous flows (neural ODE, trace estimators, adjoint, flow matching).
 //! - [`train`]: data sets, the trainer, checkpoints.
 
 pub mod backend;
+pub mod cnf;
 pub mod error;
 pub mod flows;
 pub mod nn;

@@ -174,7 +174,7 @@ fn check_hutchinson_unbiased<B: Backend>(b: &B) {
     for kind in [ProbeKind::Rademacher, ProbeKind::Gaussian] {
         // One probe per estimate, 4000 estimates per row (one solve-sized batch each).
         let n = 4000;
-        let mut sums = vec![(0.0f64, 0.0f64); 4];
+        let mut sums = [(0.0f64, 0.0f64); 4];
         for seed in 0..n as u64 {
             let p = probes(4, dim, 1, kind, seed).unwrap();
             let d = b
@@ -328,8 +328,8 @@ fn check_vjp<B: Backend>(b: &B, act: Activation, dim: usize, div: Div, weighted:
     };
     let label = format!("{act:?} D={dim} {div:?} weighted={weighted}");
     // g_z row by row (unweighted by contract).
-    for i in 0..rows {
-        let want = fd_gradient(|x| row_phi(&r, i, x), &zr[i], 1e-5);
+    for (i, zi) in zr.iter().enumerate() {
+        let want = fd_gradient(|x| row_phi(&r, i, x), zi, 1e-5);
         let got: Vec<f64> = g_z.row(i).iter().map(|&v| v as f64).collect();
         assert_all_close(&format!("{label}: g_z row {i}"), &got, &want, 3e-5, 3e-4);
     }
@@ -477,4 +477,360 @@ fn check_op_errors<B: Backend>(b: &B) {
 #[test]
 fn op_errors_are_typed() {
     check_op_errors(&Cpu);
+}
+
+// ------------------------------------------------------------------ the continuous flow
+
+use flowfuse::cnf::{Cnf, CnfConfig, SolverSettings, Trace, VectorField};
+
+fn random_cnf<B: Backend>(b: &B, act: Activation, seed: u64) -> Cnf<B> {
+    let net = random_field(2, act, seed);
+    let mut cfg = CnfConfig::new(2, &[9, 7], act);
+    cfg.solver = SolverSettings {
+        rtol: 1e-7,
+        atol: 1e-7,
+        ..SolverSettings::default()
+    };
+    Cnf::with_field(VectorField::from_mlp(b, &net).unwrap(), &cfg).unwrap()
+}
+
+fn check_roundtrip<B: Backend>(b: &B) {
+    let cnf = random_cnf(b, Activation::Tanh, 71);
+    let z = Tensor::randn(200, 2, &mut Rng::new(72));
+    let (x, stats) = cnf.forward(b, &b.upload(&z).unwrap()).unwrap();
+    assert!(stats.max_nfe() > 10);
+    let moved = b.download(&x).unwrap().max_abs_diff(&z).unwrap();
+    assert!(
+        moved > 0.1,
+        "the flow must actually move the points ({moved})"
+    );
+    let (back, _) = cnf.inverse(b, &x).unwrap();
+    let err = b.download(&back).unwrap().max_abs_diff(&z).unwrap();
+    assert!(
+        err < 2e-5,
+        "forward then inverse returns to the start: max error {err}"
+    );
+}
+
+#[test]
+fn forward_then_inverse_returns_to_the_start() {
+    check_roundtrip(&Cpu);
+}
+
+/// log p from the CNF (exact trace and Hutchinson) against the f64 reference's density solve,
+/// and the change of variables log p(x) = log N(z) − ∫ div with z = inverse(x).
+fn check_log_prob<B: Backend>(b: &B) {
+    let cnf = random_cnf(b, Activation::Silu, 73);
+    let x = Tensor::randn(64, 2, &mut Rng::new(74));
+    let xd = b.upload(&x).unwrap();
+    let (lp, stats) = cnf.log_prob(b, &xd).unwrap();
+    assert_eq!(stats.nfe.len(), 64);
+    let lp = b.download(&lp).unwrap();
+    let r = Net64::from_mlp(&b.download_net(cnf.field()));
+    for (i, row) in rows64(&x).iter().enumerate() {
+        let sol = flowfuse::ode::solve_ivp(
+            |t, y, dy| {
+                let (f, jac) = r.f_and_jac(&y[..2], t);
+                dy[..2].copy_from_slice(&f);
+                dy[2] = -(jac[0][0] + jac[1][1]);
+                Ok(())
+            },
+            1.0,
+            0.0,
+            &[row[0], row[1], 0.0],
+            &flowfuse::ode::OdeOptions::with_tolerances(1e-10, 1e-10),
+        )
+        .unwrap();
+        let y = &sol.y;
+        let want = -0.5 * (y[0] * y[0] + y[1] * y[1]) - (2.0 * std::f64::consts::PI).ln() - y[2];
+        assert!(
+            (lp.get(i, 0) as f64 - want).abs() < 2e-5,
+            "row {i}: {} vs {want}",
+            lp.get(i, 0)
+        );
+    }
+    // Hutchinson with many probes is close to the exact value; with one probe it is not equal.
+    let many = Trace::Hutchinson {
+        probes: 64,
+        kind: ProbeKind::Gaussian,
+        seed: 1,
+    };
+    let (lh, _) = cnf.log_prob_with(b, &xd, many).unwrap();
+    let lh = b.download(&lh).unwrap();
+    let mean_diff = (0..64)
+        .map(|i| (lh.get(i, 0) - lp.get(i, 0)) as f64)
+        .sum::<f64>()
+        / 64.0;
+    assert!(
+        mean_diff.abs() < 0.05,
+        "Hutchinson mean difference {mean_diff}"
+    );
+    let (l1, _) = cnf
+        .log_prob_with(
+            b,
+            &xd,
+            Trace::Hutchinson {
+                probes: 1,
+                kind: ProbeKind::Rademacher,
+                seed: 2,
+            },
+        )
+        .unwrap();
+    let (l1b, _) = cnf
+        .log_prob_with(
+            b,
+            &xd,
+            Trace::Hutchinson {
+                probes: 1,
+                kind: ProbeKind::Rademacher,
+                seed: 2,
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        b.download(&l1).unwrap(),
+        b.download(&l1b).unwrap(),
+        "same seed, same estimate"
+    );
+}
+
+trait DownloadNet<B: Backend> {
+    fn download_net(&self, f: &VectorField<B>) -> Mlp<Tensor>;
+}
+
+impl<B: Backend> DownloadNet<B> for B {
+    fn download_net(&self, f: &VectorField<B>) -> Mlp<Tensor> {
+        f.to_host(self).unwrap()
+    }
+}
+
+#[test]
+fn log_prob_matches_the_f64_density_solve() {
+    check_log_prob(&Cpu);
+}
+
+fn check_shared_steps_agree<B: Backend>(b: &B) {
+    let mut cnf = random_cnf(b, Activation::Tanh, 75);
+    cnf.solver.rtol = 1e-6;
+    cnf.solver.atol = 1e-6;
+    let x = b.upload(&Tensor::randn(100, 2, &mut Rng::new(76))).unwrap();
+    let (per_row, s1) = cnf.log_prob(b, &x).unwrap();
+    cnf.solver.shared_steps = true;
+    let (shared, s2) = cnf.log_prob(b, &x).unwrap();
+    let diff = b
+        .download(&per_row)
+        .unwrap()
+        .max_abs_diff(&b.download(&shared).unwrap())
+        .unwrap();
+    assert!(diff < 1e-4, "per-row and shared steps disagree by {diff}");
+    // Shared steps give every row the same number of evaluations.
+    assert!(s2.nfe.iter().all(|&n| n == s2.nfe[0]));
+    assert!(s1.row_evaluations <= s2.row_evaluations);
+}
+
+#[test]
+fn shared_and_per_row_steps_agree() {
+    check_shared_steps_agree(&Cpu);
+}
+
+fn check_state_roundtrip<B: Backend>(b: &B) {
+    let cnf = random_cnf(b, Activation::Softplus, 77);
+    let state = cnf.state(b).unwrap();
+    assert_eq!(state.tensors[0].0, "w0");
+    let back = Cnf::from_state(b, &state).unwrap();
+    assert_eq!(back.config(), cnf.config());
+    let x = b.upload(&Tensor::randn(10, 2, &mut Rng::new(78))).unwrap();
+    assert_eq!(
+        b.download(&cnf.log_prob(b, &x).unwrap().0).unwrap(),
+        b.download(&back.log_prob(b, &x).unwrap().0).unwrap()
+    );
+    let mut bad = state.clone();
+    bad.tensors.pop();
+    assert!(matches!(
+        Cnf::<B>::from_state(b, &bad),
+        Err(Error::InvalidArgument(_))
+    ));
+    let mut wrong = state.clone();
+    wrong.tensors[0].1 = Tensor::zeros(2, 9);
+    assert!(matches!(
+        Cnf::<B>::from_state(b, &wrong),
+        Err(Error::Shape { .. })
+    ));
+    let mut nan = state;
+    nan.tensors[1].1.set(0, 0, f32::NAN);
+    assert!(matches!(
+        Cnf::<B>::from_state(b, &nan),
+        Err(Error::NonFinite { .. })
+    ));
+}
+
+#[test]
+fn state_roundtrip_keeps_the_model() {
+    check_state_roundtrip(&Cpu);
+}
+
+fn check_trajectories<B: Backend>(b: &B) {
+    let cnf = random_cnf(b, Activation::Tanh, 79);
+    let times = [0.0, 0.25, 0.5, 1.0];
+    let (states, _) = cnf
+        .sample_with_trajectories(b, 50, &times, &mut Rng::new(80))
+        .unwrap();
+    assert_eq!(states.len(), 4);
+    assert_eq!(
+        states[0],
+        Tensor::randn(50, 2, &mut Rng::new(80)),
+        "t = 0 is the base draw"
+    );
+    let end = cnf.sample(b, 50, &mut Rng::new(80)).unwrap();
+    let diff = states[3].max_abs_diff(&b.download(&end).unwrap()).unwrap();
+    assert!(
+        diff < 1e-6,
+        "the last trajectory time is the sample ({diff})"
+    );
+    // A middle point integrates on to the end.
+    let mut half = cnf.config();
+    half.solver.rtol = 1e-8;
+    half.solver.atol = 1e-8;
+    let sol = flowfuse::cnf::integrate::solve_field(
+        b,
+        cnf.field().net(),
+        &states[2],
+        (0.5, 1.0),
+        &half.solver.options(),
+    )
+    .unwrap();
+    let ends = Tensor::from_vec(50, 2, sol.y.iter().map(|&v| v as f32).collect()).unwrap();
+    assert!(ends.max_abs_diff(&states[3]).unwrap() < 1e-5);
+    assert!(matches!(
+        cnf.sample_with_trajectories(b, 5, &[0.0, 1.5], &mut Rng::new(1)),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        cnf.sample_with_trajectories(b, 5, &[0.5, 0.2], &mut Rng::new(1)),
+        Err(Error::InvalidArgument(_))
+    ));
+}
+
+#[test]
+fn trajectories_follow_the_flow() {
+    check_trajectories(&Cpu);
+}
+
+/// A short flow-matching run on two moons: the loss falls, and the density integrates to about
+/// one over a grid that holds the data.
+fn check_trained_density_integrates_to_one<B: Backend>(b: &B) {
+    let mut rng = Rng::new(81);
+    let data = flowfuse::train::data::moons(4000, &mut rng);
+    let (train, test) = flowfuse::train::data::train_test_split(&data, 0.2, &mut rng).unwrap();
+    let mut cfg = CnfConfig::new(2, &[32, 32], Activation::Tanh);
+    cfg.solver.rtol = 1e-5;
+    cfg.solver.atol = 1e-5;
+    let mut cnf = Cnf::new(b, cfg, &mut rng).unwrap();
+    let tc = flowfuse::train::trainer::TrainConfig {
+        steps: 400,
+        batch: 256,
+        adam: flowfuse::ops::optim::AdamHyper {
+            lr: 5e-3,
+            ..Default::default()
+        },
+        eval_every: 400,
+        progress: false,
+        ..Default::default()
+    };
+    let before = cnf.nll(b, &b.upload(&test).unwrap()).unwrap();
+    let report = flowfuse::train::trainer::train(&mut cnf, b, &train, &test, &tc, None).unwrap();
+    assert!(
+        report.test_nll < before - 0.5,
+        "NLL {before} -> {}",
+        report.test_nll
+    );
+    // Riemann sum of p over [-2.5, 3.5] × [-2, 2.5].
+    let (nx, ny, h) = (120, 90, 0.05f32);
+    let grid = Tensor::from_fn(nx * ny, 2, |k, j| {
+        if j == 0 {
+            -2.5 + h * ((k % nx) as f32 + 0.5)
+        } else {
+            -2.0 + h * ((k / nx) as f32 + 0.5)
+        }
+    });
+    let (lp, _) = cnf.log_prob(b, &b.upload(&grid).unwrap()).unwrap();
+    let mass: f64 = b
+        .download(&lp)
+        .unwrap()
+        .data()
+        .iter()
+        .map(|&l| (l as f64).exp() * (h as f64) * (h as f64))
+        .sum();
+    eprintln!(
+        "flow matching, 400 steps: test NLL {before:.3} -> {:.3}; grid mass {mass:.4}",
+        report.test_nll
+    );
+    assert!(
+        (mass - 1.0).abs() < 0.05,
+        "the density integrates to {mass}"
+    );
+}
+
+#[test]
+fn trained_density_integrates_to_one() {
+    check_trained_density_integrates_to_one(&Cpu);
+}
+
+fn check_model_errors<B: Backend>(b: &B) {
+    let cnf = random_cnf(b, Activation::Tanh, 83);
+    let mut x = Tensor::randn(5, 2, &mut Rng::new(1));
+    x.set(3, 1, f32::NAN);
+    assert!(matches!(
+        cnf.log_prob(b, &b.upload(&x).unwrap()),
+        Err(Error::NonFinite { row: 3, col: 1, .. })
+    ));
+    assert!(matches!(
+        cnf.forward(b, &b.upload(&Tensor::zeros(4, 3)).unwrap()),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        cnf.inverse(b, &b.upload(&Tensor::zeros(0, 2)).unwrap()),
+        Err(Error::Empty(_))
+    ));
+    let zero_probes = Trace::Hutchinson {
+        probes: 0,
+        kind: ProbeKind::Rademacher,
+        seed: 0,
+    };
+    assert!(matches!(
+        cnf.log_prob_with(b, &b.upload(&Tensor::zeros(2, 2)).unwrap(), zero_probes),
+        Err(Error::InvalidArgument(_))
+    ));
+    let mut cfg = CnfConfig::new(2, &[8], Activation::Tanh);
+    cfg.objective = flowfuse::cnf::Objective::FlowMatching { sigma_min: 1.5 };
+    assert!(matches!(
+        Cnf::new(b, cfg, &mut Rng::new(1)),
+        Err(Error::InvalidArgument(_))
+    ));
+    let cfg = CnfConfig::new(0, &[8], Activation::Tanh);
+    assert!(matches!(
+        Cnf::new(b, cfg, &mut Rng::new(1)),
+        Err(Error::InvalidArgument(_))
+    ));
+    let mut bad_tol = random_cnf(b, Activation::Tanh, 84);
+    bad_tol.solver.rtol = f64::NAN;
+    assert!(matches!(
+        bad_tol.log_prob(b, &b.upload(&Tensor::zeros(2, 2)).unwrap()),
+        Err(Error::InvalidArgument(_))
+    ));
+    // A step budget too small for the solve is an ODE error, not a hang.
+    let mut starved = random_cnf(b, Activation::Tanh, 85);
+    starved.solver.max_steps = 2;
+    assert!(matches!(
+        starved.log_prob(
+            b,
+            &b.upload(&Tensor::randn(3, 2, &mut Rng::new(2))).unwrap()
+        ),
+        Err(Error::Ode(_))
+    ));
+}
+
+#[test]
+fn model_errors_are_typed() {
+    check_model_errors(&Cpu);
 }

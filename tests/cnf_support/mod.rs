@@ -172,12 +172,17 @@ pub fn worst_ratio(got: &[f64], want: &[f64], atol: f64, rtol: f64) -> f64 {
 #[track_caller]
 pub fn assert_all_close(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64) {
     let r = worst_ratio(got, want, atol, rtol);
-    if !(r <= 1.0) {
+    // NaN compares false: a NaN anywhere fails too.
+    let ok = r <= 1.0;
+    if !ok {
         let shown: Vec<String> = got
             .iter()
             .zip(want)
             .enumerate()
-            .filter(|(_, (g, w))| !((*g - *w).abs() <= atol + rtol * w.abs()))
+            .filter(|(_, (g, w))| {
+                let within = (*g - *w).abs() <= atol + rtol * w.abs();
+                !within
+            })
             .take(8)
             .map(|(i, (g, w))| format!("  [{i}] got {g:.9e} want {w:.9e}"))
             .collect();

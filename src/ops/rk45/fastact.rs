@@ -22,8 +22,8 @@ pub(super) enum Derivs {
 const ROUND_MAGIC: f32 = 12_582_912.0;
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 /// ln 2 split so that n·LN2_HI is exact for |n| < 512 (Cody & Waite).
-const LN2_HI: f32 = 0.693_145_751_953_125;
-const LN2_LO: f32 = 1.428_606_820_309_417_2e-6;
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
 
 /// (e^y − 1 for the reduced argument, 2^n) with y = n·ln2 + r; needs −126 <= n <= 127.
 #[inline(always)]
