@@ -45,7 +45,7 @@ impl Rk45Ops for Cpu {
         t.check_finite("field: t")?;
         let parts = par_row_chunks(rows, CHUNK_ROWS, |r| {
             let z = &z.data()[r.start * dim..r.end * dim];
-            pass::forward(net, z, &t.data()[r.clone()], r.len(), Derivs::None).out
+            pass::forward(net, z, &t.data()[r.clone()], r.len(), Derivs::None).recycle()
         });
         Ok(concat_rows(parts, rows, dim))
     }
@@ -66,8 +66,11 @@ impl Rk45Ops for Cpu {
             let zc = &z.data()[r.start * dim..r.end * dim];
             let fwd = pass::forward(net, zc, &t.data()[r.clone()], r.len(), Derivs::First);
             let dirs = directions(&trace, r, dim);
-            let tan = pass::tangents(net, &fwd, &dirs);
-            (fwd.out, tan.div)
+            let mut tan = pass::tangents(net, &fwd, &dirs, false);
+            let div = std::mem::take(&mut tan.div);
+            tan.recycle();
+            dirs.recycle();
+            (fwd.recycle(), div)
         });
         let (f, div): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
         Ok((concat_rows(f, rows, dim), concat_rows(div, rows, 1)))
@@ -117,16 +120,19 @@ impl Rk45Ops for Cpu {
                 None => pass::backward(net, &fwd, ac, None, w, grads.as_mut()),
                 Some(d) => {
                     let dirs = directions(&d.trace, r.clone(), dim);
-                    let tan = pass::tangents(net, &fwd, &dirs);
+                    let tan = pass::tangents(net, &fwd, &dirs, true);
                     let bar = DivBar {
                         c: &d.a_div.data()[r.clone()],
                         tan: &tan,
                         dirs: &dirs,
                     };
-                    pass::backward(net, &fwd, ac, Some(&bar), w, grads.as_mut())
+                    let g_z = pass::backward(net, &fwd, ac, Some(&bar), w, grads.as_mut());
+                    tan.recycle();
+                    dirs.recycle();
+                    g_z
                 }
             };
-            (fwd.out, g_z, grads)
+            (fwd.recycle(), g_z, grads)
         });
         let mut f = Vec::with_capacity(parts.len());
         let mut g_z = Vec::with_capacity(parts.len());

@@ -17,8 +17,10 @@
 
 pub mod cpu;
 mod fastact;
+mod narrow;
 mod pass;
 mod probes;
+mod scratch;
 
 use serde::{Deserialize, Serialize};
 

@@ -15,9 +15,90 @@
 use std::borrow::Cow;
 
 use super::fastact::{Derivs, activate};
+use super::narrow::matmul_narrow;
+use super::scratch;
 use crate::backend::cpu::gemm::{View, matmul};
+
 use crate::nn::mlp::Mlp;
 use crate::tensor::{Shaped, Tensor};
+
+/// Defines `$name` as a dispatcher to copies of `$body` compiled for AVX-512 and AVX2 (picked
+/// at run time) or the baseline: the element-wise loops of a pass then use the widest vectors
+/// the CPU has. All copies perform the same operations in the same order (Rust never fuses a
+/// multiply and an add on its own), so they return the same bits.
+macro_rules! multiversion {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        pub(super) fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                #[allow(clippy::too_many_arguments)]
+                fn wide($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn mid($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the feature `wide` is compiled for.
+                    return unsafe { wide($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features `mid` is compiled for.
+                    return unsafe { mid($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+multiversion!(
+    /// The forward pass of `rows` rows (z: rows × D, t: rows), keeping what `derivs` asks for.
+    fn forward(net: &Mlp<Tensor>, z: &[f32], t: &[f32], rows: usize, derivs: Derivs) -> Forward = forward_body
+);
+
+multiversion!(
+    /// The tangents along `dirs`; needs `fwd` with first derivatives. With `keep` every
+    /// layer's tangents stay for a reverse pass; without, only J·v (the last `adot`) and div.
+    fn tangents(net: &Mlp<Tensor>, fwd: &Forward, dirs: &Directions, keep: bool) -> Tangents = tangents_body
+);
+
+multiversion!(
+    /// The reverse pass: returns g_z (rows × D) and, when `grads` is given, adds the parameter
+    /// gradients (rows weighted by `weights`) into it. `fwd` needs first derivatives, and
+    /// second ones when `div` is given.
+    fn backward(
+        net: &Mlp<Tensor>,
+        fwd: &Forward,
+        a: &[f32],
+        div: Option<&DivBar>,
+        weights: Option<&[f32]>,
+        grads: Option<&mut Mlp<Tensor>>
+    ) -> Vec<f32> = backward_body
+);
+
+/// Outputs narrower than this are formed transposed (see [`mm`]).
+const NARROW: usize = 16;
+
+/// c (m×n) = a·b [+ c], as [`matmul`]; narrow outputs (n = D = 2 columns of a field) go to
+/// [`matmul_narrow`], which vectorises along the long dimension.
+#[inline(always)]
+fn mm(c: &mut [f32], a: View, b: View, accumulate: bool) {
+    let m = if a.t { a.cols } else { a.rows };
+    let n = if b.t { b.rows } else { b.cols };
+    if n >= NARROW || m <= n {
+        matmul(c, a, b, accumulate);
+    } else {
+        matmul_narrow(c, a, b, accumulate);
+    }
+}
 
 /// The K directions of each row of a chunk, with the weight α of the divergence sum.
 pub(super) struct Directions<'a> {
@@ -30,7 +111,7 @@ pub(super) struct Directions<'a> {
 impl<'a> Directions<'a> {
     /// The D unit vectors for every row: the exact trace.
     pub fn exact(rows: usize, dim: usize) -> Self {
-        let mut v = vec![0.0f32; rows * dim * dim];
+        let mut v = scratch::zeros(rows * dim * dim);
         for r in 0..rows {
             for k in 0..dim {
                 v[(r * dim + k) * dim + k] = 1.0;
@@ -52,6 +133,12 @@ impl<'a> Directions<'a> {
             alpha: 1.0 / m as f32,
         }
     }
+
+    pub fn recycle(self) {
+        if let Cow::Owned(v) = self.v {
+            scratch::recycle(v);
+        }
+    }
 }
 
 /// The forward pass of a chunk and what the tangent and reverse passes need from it.
@@ -71,13 +158,14 @@ pub(super) struct Forward {
 }
 
 /// `bias` repeated on every row, then += input·W.
+#[inline(always)]
 fn affine(input: &[f32], rows: usize, w: &Tensor, b: &Tensor) -> Vec<f32> {
     let (k, m) = w.shape();
-    let mut y = Vec::with_capacity(rows * m);
-    for _ in 0..rows {
-        y.extend_from_slice(b.data());
+    let mut y = scratch::dirty(rows * m);
+    for row in y.chunks_exact_mut(m) {
+        row.copy_from_slice(b.data());
     }
-    matmul(
+    mm(
         &mut y,
         View::new(input, rows, k),
         View::new(w.data(), k, m),
@@ -86,18 +174,13 @@ fn affine(input: &[f32], rows: usize, w: &Tensor, b: &Tensor) -> Vec<f32> {
     y
 }
 
-pub(super) fn forward(
-    net: &Mlp<Tensor>,
-    z: &[f32],
-    t: &[f32],
-    rows: usize,
-    derivs: Derivs,
-) -> Forward {
+#[inline(always)]
+fn forward_body(net: &Mlp<Tensor>, z: &[f32], t: &[f32], rows: usize, derivs: Derivs) -> Forward {
     let dim = z.len() / rows.max(1);
-    let mut x = Vec::with_capacity(rows * (dim + 1));
-    for (zr, &tr) in z.chunks_exact(dim).zip(t) {
-        x.extend_from_slice(zr);
-        x.push(tr);
+    let mut x = scratch::dirty(rows * (dim + 1));
+    for ((xr, zr), &tr) in x.chunks_exact_mut(dim + 1).zip(z.chunks_exact(dim)).zip(t) {
+        xr[..dim].copy_from_slice(zr);
+        xr[dim] = tr;
     }
     let n = net.layers.len();
     let mut hidden: Vec<Vec<f32>> = Vec::with_capacity(n - 1);
@@ -112,18 +195,19 @@ pub(super) fn forward(
             break;
         }
         let len = pre.len();
-        let mut h = vec![0.0f32; len];
+        let mut h = scratch::dirty(len);
         let mut g1 = if derivs == Derivs::None {
             Vec::new()
         } else {
-            vec![0.0f32; len]
+            scratch::dirty(len)
         };
         let mut g2 = if derivs == Derivs::Second {
-            vec![0.0f32; len]
+            scratch::dirty(len)
         } else {
             Vec::new()
         };
         activate(net.act, derivs, &pre, &mut h, &mut g1, &mut g2);
+        scratch::recycle(pre);
         hidden.push(h);
         d1.push(g1);
         d2.push(g2);
@@ -139,6 +223,17 @@ pub(super) fn forward(
     }
 }
 
+impl Forward {
+    /// Hands the buffers back to this thread's pool, except the output.
+    pub fn recycle(self) -> Vec<f32> {
+        scratch::recycle(self.x);
+        scratch::recycle_all(self.hidden);
+        scratch::recycle_all(self.d1);
+        scratch::recycle_all(self.d2);
+        self.out
+    }
+}
+
 /// The tangents of a chunk along its directions.
 pub(super) struct Tangents {
     /// ȧ_l, (rows·K) × width of layer l's output; the last is J·v.
@@ -149,7 +244,15 @@ pub(super) struct Tangents {
     pub div: Vec<f32>,
 }
 
+impl Tangents {
+    pub fn recycle(self) {
+        scratch::recycle_all(self.adot);
+        scratch::recycle_all(self.hdot);
+    }
+}
+
 /// Multiplies each direction row (r, k) of `m` (rows·K × width) by row r of `d` (rows × width).
+#[inline(always)]
 fn scale_by_row(m: &mut [f32], d: &[f32], k: usize, width: usize) {
     for (block, dr) in m.chunks_exact_mut(k * width).zip(d.chunks_exact(width)) {
         for row in block.chunks_exact_mut(width) {
@@ -160,8 +263,28 @@ fn scale_by_row(m: &mut [f32], d: &[f32], k: usize, width: usize) {
     }
 }
 
-/// Needs `fwd` with first derivatives.
-pub(super) fn tangents(net: &Mlp<Tensor>, fwd: &Forward, dirs: &Directions) -> Tangents {
+/// out (rows·K × width) = each direction row (r, k) of `m` times row r of `d`.
+#[inline(always)]
+fn scaled_by_row(m: &[f32], d: &[f32], k: usize, width: usize) -> Vec<f32> {
+    let mut out = scratch::dirty(m.len());
+    let blocks = out
+        .chunks_exact_mut(k * width)
+        .zip(m.chunks_exact(k * width));
+    for ((oblock, block), dr) in blocks.zip(d.chunks_exact(width)) {
+        for (orow, row) in oblock
+            .chunks_exact_mut(width)
+            .zip(block.chunks_exact(width))
+        {
+            for ((o, &x), &g) in orow.iter_mut().zip(row).zip(dr) {
+                *o = x * g;
+            }
+        }
+    }
+    out
+}
+
+#[inline(always)]
+fn tangents_body(net: &Mlp<Tensor>, fwd: &Forward, dirs: &Directions, keep: bool) -> Tangents {
     let (rows, dim, k) = (fwd.rows, fwd.dim, dirs.k);
     let rk = rows * k;
     let n = net.layers.len();
@@ -169,29 +292,39 @@ pub(super) fn tangents(net: &Mlp<Tensor>, fwd: &Forward, dirs: &Directions) -> T
     let mut hdot: Vec<Vec<f32>> = Vec::with_capacity(n - 1);
     for (l, layer) in net.layers.iter().enumerate() {
         let (win, wout) = layer.w.shape();
-        let mut a = vec![0.0f32; rk * wout];
+        let mut a = scratch::dirty(rk * wout);
         if l == 0 {
             // Only the z rows of W_0 see the tangent [v, 0].
-            matmul(
+            mm(
                 &mut a,
                 View::new(&dirs.v, rk, dim),
                 View::new(&layer.w.data()[..dim * wout], dim, wout),
                 false,
             );
-        } else {
-            let mut h = adot[l - 1].clone();
-            scale_by_row(&mut h, &fwd.d1[l - 1], k, win);
-            matmul(
+        } else if keep {
+            let h = scaled_by_row(&adot[l - 1], &fwd.d1[l - 1], k, win);
+            mm(
                 &mut a,
                 View::new(&h, rk, win),
                 View::new(layer.w.data(), win, wout),
                 false,
             );
             hdot.push(h);
+        } else {
+            // Only J·v is wanted: scale the previous tangent in place and let it go.
+            let mut h = adot.pop().expect("the previous layer's tangent");
+            scale_by_row(&mut h, &fwd.d1[l - 1], k, win);
+            mm(
+                &mut a,
+                View::new(&h, rk, win),
+                View::new(layer.w.data(), win, wout),
+                false,
+            );
+            scratch::recycle(h);
         }
         adot.push(a);
     }
-    let jv = &adot[n - 1];
+    let jv = adot.last().expect("at least one layer");
     let div = (0..rows)
         .map(|r| {
             let span = r * k * dim..(r + 1) * k * dim;
@@ -215,23 +348,27 @@ pub(super) struct DivBar<'a> {
 }
 
 /// `m` (rows·per_row × width) with every row of input row r multiplied by w_r, or `m` itself.
+#[inline(always)]
 fn weighted<'m>(m: &'m [f32], w: Option<&[f32]>, per_row: usize, width: usize) -> Cow<'m, [f32]> {
     match w {
         None => Cow::Borrowed(m),
         Some(w) => {
-            let mut out = m.to_vec();
-            for (block, &wr) in out.chunks_exact_mut(per_row * width).zip(w) {
-                block.iter_mut().for_each(|x| *x *= wr);
+            let mut out = scratch::dirty(m.len());
+            let blocks = out
+                .chunks_exact_mut(per_row * width)
+                .zip(m.chunks_exact(per_row * width));
+            for ((o, block), &wr) in blocks.zip(w) {
+                for (o, &x) in o.iter_mut().zip(block) {
+                    *o = x * wr;
+                }
             }
             Cow::Owned(out)
         }
     }
 }
 
-/// The reverse pass: returns g_z (rows × D) and, when `grads` is given, adds the parameter
-/// gradients (rows weighted by `weights`) into it. `fwd` needs first derivatives, and second
-/// ones when `div` is given.
-pub(super) fn backward(
+#[inline(always)]
+fn backward_body(
     net: &Mlp<Tensor>,
     fwd: &Forward,
     a: &[f32],
@@ -242,12 +379,18 @@ pub(super) fn backward(
     let (rows, dim) = (fwd.rows, fwd.dim);
     let k = div.map_or(0, |d| d.dirs.k);
     let rk = rows * k;
-    let mut abar = a.to_vec();
+    let mut abar = scratch::dirty(a.len());
+    abar.copy_from_slice(a);
     let mut tbar: Option<Vec<f32>> = div.map(|d| {
-        let mut t = d.dirs.v.to_vec();
-        for (block, &c) in t.chunks_exact_mut(k * dim).zip(d.c) {
+        let mut t = scratch::dirty(d.dirs.v.len());
+        let blocks = t
+            .chunks_exact_mut(k * dim)
+            .zip(d.dirs.v.chunks_exact(k * dim));
+        for ((o, block), &c) in blocks.zip(d.c) {
             let s = -c * d.dirs.alpha;
-            block.iter_mut().for_each(|x| *x *= s);
+            for (o, &x) in o.iter_mut().zip(block) {
+                *o = x * s;
+            }
         }
         t
     });
@@ -259,7 +402,7 @@ pub(super) fn backward(
             let input: &[f32] = if l == 0 { &fwd.x } else { &fwd.hidden[l - 1] };
             let ab = weighted(&abar, weights, 1, wout);
             let gl = &mut g.layers[l];
-            matmul(
+            mm(
                 gl.w.data_mut(),
                 View::new(input, rows, win).t(),
                 View::new(&ab, rows, wout),
@@ -270,37 +413,47 @@ pub(super) fn backward(
                     *acc += v;
                 }
             }
+            if let Cow::Owned(v) = ab {
+                scratch::recycle(v);
+            }
             if let (Some(tb), Some(d)) = (&tbar, div) {
                 let tb = weighted(tb, weights, k, wout);
                 if l == 0 {
-                    matmul(
+                    mm(
                         &mut gl.w.data_mut()[..dim * wout],
                         View::new(&d.dirs.v, rk, dim).t(),
                         View::new(&tb, rk, wout),
                         true,
                     );
                 } else {
-                    matmul(
+                    mm(
                         gl.w.data_mut(),
                         View::new(&d.tan.hdot[l - 1], rk, win).t(),
                         View::new(&tb, rk, wout),
                         true,
                     );
                 }
+                if let Cow::Owned(v) = tb {
+                    scratch::recycle(v);
+                }
             }
         }
         if l == 0 {
             let mut gz = vec![0.0f32; rows * dim];
-            matmul(
+            mm(
                 &mut gz,
                 View::new(&abar, rows, wout),
                 View::new(&w[..dim * wout], dim, wout).t(),
                 false,
             );
+            scratch::recycle(abar);
+            if let Some(tb) = tbar {
+                scratch::recycle(tb);
+            }
             return gz;
         }
-        let mut hbar = vec![0.0f32; rows * win];
-        matmul(
+        let mut hbar = scratch::dirty(rows * win);
+        mm(
             &mut hbar,
             View::new(&abar, rows, wout),
             View::new(w, win, wout).t(),
@@ -311,8 +464,8 @@ pub(super) fn backward(
             *x *= g;
         }
         if let (Some(tb), Some(d)) = (tbar.take(), div) {
-            let mut hdbar = vec![0.0f32; rk * win];
-            matmul(
+            let mut hdbar = scratch::dirty(rk * win);
+            mm(
                 &mut hdbar,
                 View::new(&tb, rk, wout),
                 View::new(w, win, wout).t(),
@@ -320,7 +473,7 @@ pub(super) fn backward(
             );
             // The σ'' term: the tangent ḣ = σ'(a) ⊙ ȧ also depends on a.
             let (d2, adot) = (&fwd.d2[l - 1], &d.tan.adot[l - 1]);
-            let mut acc = vec![0.0f32; win];
+            let mut acc = scratch::dirty(win);
             for r in 0..rows {
                 acc.fill(0.0);
                 let block = r * k * win..(r + 1) * k * win;
@@ -337,10 +490,12 @@ pub(super) fn backward(
                     *o += g2 * s;
                 }
             }
+            scratch::recycle(acc);
+            scratch::recycle(tb);
             scale_by_row(&mut hdbar, d1, k, win);
             tbar = Some(hdbar);
         }
-        abar = hbar;
+        scratch::recycle(std::mem::replace(&mut abar, hbar));
     }
     unreachable!("the loop returns at layer 0")
 }
