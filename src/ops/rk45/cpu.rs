@@ -62,14 +62,25 @@ impl Rk45Ops for Cpu {
         z.check_finite("field_div: z")?;
         t.check_finite("field_div: t")?;
         check_trace_finite(&trace)?;
+        // Shallow fields have a cheaper exact trace than D tangent passes (see `TraceForm`).
+        let form = match trace {
+            TraceMode::Exact => pass::trace_form(net, dim),
+            TraceMode::Hutchinson(_) => None,
+        };
         let parts = par_row_chunks(rows, CHUNK_ROWS, |r| {
             let zc = &z.data()[r.start * dim..r.end * dim];
             let fwd = pass::forward(net, zc, &t.data()[r.clone()], r.len(), Derivs::First);
-            let dirs = directions(&trace, r, dim);
-            let mut tan = pass::tangents(net, &fwd, &dirs, false);
-            let div = std::mem::take(&mut tan.div);
-            tan.recycle();
-            dirs.recycle();
+            let div = match &form {
+                Some(form) => pass::form_div(form, &fwd),
+                None => {
+                    let dirs = directions(&trace, r, dim);
+                    let mut tan = pass::tangents(net, &fwd, &dirs, false);
+                    let div = std::mem::take(&mut tan.div);
+                    tan.recycle();
+                    dirs.recycle();
+                    div
+                }
+            };
             (fwd.recycle(), div)
         });
         let (f, div): (Vec<_>, Vec<_>) = parts.into_iter().unzip();

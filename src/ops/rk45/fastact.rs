@@ -26,27 +26,28 @@ const LOG2_E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_145_75;
 const LN2_LO: f32 = 1.428_606_8e-6;
 
-/// (e^y − 1 for the reduced argument, 2^n) with y = n·ln2 + r; needs −126 <= n <= 127.
+/// (e^r − 1 for the reduced argument r, 2^n) with y = n·ln2 + r; needs −126 <= n <= 127.
+/// Horner's steps are fused multiply-adds (`mul_add` is correctly rounded on every target, so
+/// results do not depend on the CPU; it is one instruction where FMA exists).
 #[inline(always)]
 fn exp_split(y: f32) -> (f32, f32) {
     let shifted = y * LOG2_E + ROUND_MAGIC;
     let nf = shifted - ROUND_MAGIC;
     let n = shifted.to_bits() as i32 - ROUND_MAGIC.to_bits() as i32;
-    let r = (y - nf * LN2_HI) - nf * LN2_LO;
-    let p = r
-        * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
+    let r = (-nf).mul_add(LN2_LO, (-nf).mul_add(LN2_HI, y));
+    let mut q = 1.0 / 5040.0f32;
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0] {
+        q = q.mul_add(r, c);
+    }
     let scale = f32::from_bits(((n + 127) as u32) << 23);
-    (p, scale)
+    (r * q, scale)
 }
 
 /// e^y − 1 for y in [−20, 0]: 2^n·(p + 1) − 1 = 2^n·p + (2^n − 1), exact-ish near 0.
 #[inline(always)]
 fn expm1_nonpositive(y: f32) -> f32 {
     let (p, scale) = exp_split(y);
-    scale * p + (scale - 1.0)
+    scale.mul_add(p, scale - 1.0)
 }
 
 /// e^y, y clamped to [−87, 87] (the normal range of 2^n); NaN stays NaN.
@@ -55,18 +56,18 @@ fn exp_clamped(y: f32) -> f32 {
     let y = if y > 87.0 { 87.0 } else { y };
     let y = if y < -87.0 { -87.0 } else { y };
     let (p, scale) = exp_split(y);
-    scale * p + scale
+    scale.mul_add(p, scale)
 }
 
 /// 1/y for y in [1, 2] without a division (a vector division is the slowest step of tanh):
-/// Newton's iteration r ← r·(2 − y·r) from the best linear guess 48/17 − 32/17·(y/2) on
+/// Newton's iteration r ← r + r·(1 − y·r) from the best linear guess 48/17 − 32/17·(y/2) on
 /// y/2 ∈ [½, 1], whose relative error 1/17 squares with each step: three steps reach 2e-10.
 #[inline(always)]
 fn recip_1_to_2(y: f32) -> f32 {
     let h = 0.5 * y;
-    let mut r = 48.0 / 17.0 - (32.0 / 17.0) * h;
+    let mut r = (-32.0f32 / 17.0).mul_add(h, 48.0 / 17.0);
     for _ in 0..3 {
-        r *= 2.0 - h * r;
+        r = r.mul_add((-h).mul_add(r, 1.0), r);
     }
     0.5 * r
 }
@@ -169,22 +170,13 @@ fn apply_all(
     }
 }
 
+/// `apply_all` compiled for AVX2 (8-wide vectors).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn apply_all_avx2(
-    act: Activation,
-    derivs: Derivs,
-    pre: &[f32],
-    h: &mut [f32],
-    d1: &mut [f32],
-    d2: &mut [f32],
-) {
-    apply_all(act, derivs, pre, h, d1, d2)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn apply_all_avx512(
+unsafe fn apply_all_avx2(
     act: Activation,
     derivs: Derivs,
     pre: &[f32],
@@ -197,7 +189,9 @@ fn apply_all_avx512(
 
 /// Fills `h` with σ(pre) and, as `derivs` asks, `d1` with σ' and `d2` with σ'' (slices not
 /// asked for may be empty). Same results on every CPU: the wide path only changes the vector
-/// width (no contraction into FMAs, which Rust never does implicitly).
+/// width (the fused multiply-adds are explicit and exactly rounded everywhere; Rust never
+/// contracts a multiply and an add on its own). Without FMA hardware `mul_add` is a slow
+/// library call: x86 CPUs without AVX2 (before 2013) take that path.
 pub(super) fn activate(
     act: Activation,
     derivs: Derivs,
@@ -211,11 +205,6 @@ pub(super) fn activate(
     debug_assert!(derivs != Derivs::Second || d2.len() == pre.len());
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the feature the function is compiled for (checked above).
-            unsafe { apply_all_avx512(act, derivs, pre, h, d1, d2) };
-            return;
-        }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU supports the features the function is compiled for (checked above).

@@ -10,7 +10,8 @@
 //! - z is B×D, t is B×1 (each row has its own time: per-row steps), every result is per row;
 //! - the divergence of row r is div_r = α·Σ_k v_kᵀ (∂f/∂z) v_k over K directions v_k: the D unit
 //!   vectors with α = 1 for [`TraceMode::Exact`], or the M probes of row r with α = 1/M for
-//!   [`TraceMode::Hutchinson`]. Both are computed by forward-mode JVPs J·v_k through the MLP;
+//!   [`TraceMode::Hutchinson`]. Both are computed by forward-mode JVPs J·v_k through the MLP
+//!   (the exact trace of a field with at most two hidden layers by a cheaper closed form);
 //! - the activation needs a second derivative wherever the gradient of the divergence is taken
 //!   (reverse over forward mode): ReLU is refused there. `field_div` itself accepts ReLU (its
 //!   divergence is then piecewise constant in z).
@@ -34,7 +35,10 @@ pub use probes::{ProbeKind, probe_value, probes};
 /// How the divergence Tr(∂f/∂z) is computed.
 #[derive(Debug)]
 pub enum TraceMode<'a, M> {
-    /// Exactly: D forward-mode JVPs along the unit vectors, fused in one pass.
+    /// Exactly. For a field with at most two hidden layers `field_div` evaluates the trace
+    /// as a bilinear form in the activation slopes (one H1×H2 product per row, whatever D is);
+    /// deeper fields, and the gradient in `field_vjp`, use D forward-mode JVPs along the unit
+    /// vectors, fused in one pass.
     Exact,
     /// Hutchinson's estimator (1/M)·Σ_m ε_mᵀ (∂f/∂z) ε_m with the probes of each row: a B×(M·D)
     /// matrix whose row r holds ε_0, …, ε_{M−1} of row r one after the other (see [`probes`]).

@@ -35,10 +35,10 @@ fn lane_sum(mut acc: [f32; LANES]) -> f32 {
 /// Σ a_i·b_i with 16 independent partial sums (lane l takes i ≡ l mod 16), then the tail.
 #[inline(always)]
 fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    let (ca, ra) = a.as_chunks::<LANES>();
-    let (cb, rb) = b.as_chunks::<LANES>();
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
     let mut acc = [0.0f32; LANES];
-    for (x, y) in ca.iter().zip(cb) {
+    for (x, y) in ca.zip(cb) {
         for l in 0..LANES {
             acc[l] += x[l] * y[l];
         }
@@ -50,26 +50,36 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// [`dot_portable`] with one 16-wide register per partial-sum vector: the same operations in
+/// [`dot_portable`] with its 16 partial sums in two 8-wide registers: the same operations in
 /// the same order (multiply, then add: no FMA), so the same result. LLVM's SLP vectoriser
 /// splits the portable loop into 2-wide pieces, hence the intrinsics.
+///
+/// # Safety
+/// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     use std::arch::x86_64::{
-        _mm512_add_ps, _mm512_loadu_ps, _mm512_mul_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+        _mm256_add_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_setzero_ps, _mm256_storeu_ps,
     };
-    let (ca, ra) = a.as_chunks::<LANES>();
-    let (cb, rb) = b.as_chunks::<LANES>();
-    let mut acc = _mm512_setzero_ps();
-    for (x, y) in ca.iter().zip(cb) {
-        // SAFETY: x and y are arrays of 16 f32, exactly one unaligned 512-bit load each.
-        let (vx, vy) = unsafe { (_mm512_loadu_ps(x.as_ptr()), _mm512_loadu_ps(y.as_ptr())) };
-        acc = _mm512_add_ps(acc, _mm512_mul_ps(vx, vy));
-    }
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
     let mut lanes = [0.0f32; LANES];
-    // SAFETY: `lanes` holds exactly 16 f32.
-    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc) };
+    // SAFETY: every load reads 8 f32 inside a chunk of 16 (offsets 0 and 8), every store
+    // writes 8 f32 inside `lanes`; AVX2 is available (the caller's contract).
+    unsafe {
+        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for (x, y) in ca.zip(cb) {
+            let (xp, yp) = (x.as_ptr(), y.as_ptr());
+            lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(xp), _mm256_loadu_ps(yp)));
+            hi = _mm256_add_ps(
+                hi,
+                _mm256_mul_ps(_mm256_loadu_ps(xp.add(8)), _mm256_loadu_ps(yp.add(8))),
+            );
+        }
+        _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
+        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
+    }
     let mut s = lane_sum(lanes);
     for (x, y) in ra.iter().zip(rb) {
         s += x * y;
@@ -130,36 +140,41 @@ fn narrow_body(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn narrow_avx512(c: &mut [f32], a: View, b: View, accumulate: bool) {
-    // Safe to call: this function (and so its closure) is compiled with avx512f.
-    narrow_body(c, a, b, accumulate, |x, y| dot_avx512(x, y))
-}
-
+/// # Safety
+/// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn narrow_avx2(c: &mut [f32], a: View, b: View, accumulate: bool) {
-    narrow_body(c, a, b, accumulate, dot_portable)
+unsafe fn narrow_avx2(c: &mut [f32], a: View, b: View, accumulate: bool) {
+    // SAFETY: this function's own contract (AVX2 and FMA are available).
+    narrow_body(c, a, b, accumulate, |x, y| unsafe { dot_avx2(x, y) })
 }
 
 /// c (m×n, row-major) [+]= a·b with a, b as used (after their transposes); for small n.
 pub(super) fn matmul_narrow(c: &mut [f32], a: View, b: View, accumulate: bool) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the feature the function is compiled for (checked above).
-            unsafe { narrow_avx512(c, a, b, accumulate) };
-            return;
-        }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
-            // SAFETY: as above.
+            // SAFETY: the CPU supports the features the function is compiled for.
             unsafe { narrow_avx2(c, a, b, accumulate) };
             return;
         }
     }
     narrow_body(c, a, b, accumulate, dot_portable)
+}
+
+/// Σ over each row of x ⊙ y (rows × width), by the 16-lane dot product.
+pub(super) fn row_dots(x: &[f32], y: &[f32], width: usize) -> Vec<f32> {
+    let rows = x.chunks_exact(width).zip(y.chunks_exact(width));
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports the features `dot_avx2` is compiled for.
+            return rows.map(|(a, b)| unsafe { dot_avx2(a, b) }).collect();
+        }
+    }
+    rows.map(|(a, b)| dot_portable(a, b)).collect()
 }
 
 #[cfg(test)]
@@ -183,10 +198,11 @@ mod tests {
         let a: Vec<f32> = (0..70).map(|i| (i as f32 * 0.37).sin()).collect();
         let b: Vec<f32> = (0..70).map(|i| (i as f32 * 0.11).cos()).collect();
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             for n in [0, 5, 16, 64, 70] {
-                // SAFETY: the feature was detected.
-                let wide = unsafe { dot_avx512(&a[..n], &b[..n]) };
+                // SAFETY: the features were detected.
+                let wide = unsafe { dot_avx2(&a[..n], &b[..n]) };
                 assert_eq!(wide.to_bits(), dot_portable(&a[..n], &b[..n]).to_bits());
             }
         }

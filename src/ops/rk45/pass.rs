@@ -15,17 +15,17 @@
 use std::borrow::Cow;
 
 use super::fastact::{Derivs, activate};
-use super::narrow::matmul_narrow;
+use super::narrow::{matmul_narrow, row_dots};
 use super::scratch;
 use crate::backend::cpu::gemm::{View, matmul};
 
 use crate::nn::mlp::Mlp;
 use crate::tensor::{Shaped, Tensor};
 
-/// Defines `$name` as a dispatcher to copies of `$body` compiled for AVX-512 and AVX2 (picked
-/// at run time) or the baseline: the element-wise loops of a pass then use the widest vectors
-/// the CPU has. All copies perform the same operations in the same order (Rust never fuses a
-/// multiply and an add on its own), so they return the same bits.
+/// Defines `$name` as a dispatcher to a copy of `$body` compiled for AVX2 and FMA (picked at
+/// run time) or the baseline, so that the element-wise loops of a pass use 8-wide vectors where
+/// the CPU has them. Both copies perform the same operations in the same order (Rust never
+/// fuses a multiply and an add on its own), so they return the same bits.
 macro_rules! multiversion {
     ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
         $(#[$doc])*
@@ -33,25 +33,18 @@ macro_rules! multiversion {
         pub(super) fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f")]
-                #[allow(clippy::too_many_arguments)]
-                fn wide($($arg: $ty),*) -> $ret {
-                    $body($($arg),*)
-                }
+                /// # Safety
+                /// The CPU must support AVX2 and FMA.
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
-                fn mid($($arg: $ty),*) -> $ret {
+                unsafe fn wide($($arg: $ty),*) -> $ret {
                     $body($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has the feature `wide` is compiled for.
-                    return unsafe { wide($($arg),*) };
                 }
                 if std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
                 {
-                    // SAFETY: the CPU has the features `mid` is compiled for.
-                    return unsafe { mid($($arg),*) };
+                    // SAFETY: the CPU has the features `wide` is compiled for.
+                    return unsafe { wide($($arg),*) };
                 }
             }
             $body($($arg),*)
@@ -499,3 +492,98 @@ fn backward_body(
     }
     unreachable!("the loop returns at layer 0")
 }
+
+/// The exact divergence of a field with at most two hidden layers as a form in the activation
+/// slopes, with weights fixed for the whole call. With d_l = σ'(a_l) of row r and W0z the z
+/// rows of W_0, the Jacobian is W0z·diag(d1)·W1·diag(d2)·W2 (row-vector convention), so by the
+/// cyclic property of the trace
+///   two hidden layers:  div = Σ_ab d1_a·W1[a,b]·d2_b·G[b,a] = d1ᵀ·C·d2,  G = W2·W0z,  C = W1 ∘ Gᵀ,
+///   one hidden layer:   div = Σ_a d1_a·g_a,                              g_a = Σ_i W0[i,a]·W1[a,i],
+///   none:               div = Σ_i W0[i,i],
+/// one H1×H2 product per row whatever D is, instead of D tangent passes. Deeper fields do not
+/// collapse this way (the form would be multilinear) and use the tangents.
+pub(super) enum TraceForm {
+    Constant(f32),
+    Linear(Vec<f32>),
+    /// C, H1 × H2.
+    Bilinear(Vec<f32>),
+}
+
+/// The form of `net` (dimension `dim`), or None for more than two hidden layers.
+pub(super) fn trace_form(net: &Mlp<Tensor>, dim: usize) -> Option<TraceForm> {
+    let w = |l: usize| &net.layers[l].w;
+    match net.layers.len() {
+        1 => Some(TraceForm::Constant(
+            (0..dim).map(|i| w(0).get(i, i) as f64).sum::<f64>() as f32,
+        )),
+        2 => {
+            let h1 = w(0).cols();
+            let g = (0..h1)
+                .map(|a| {
+                    let s: f64 = (0..dim)
+                        .map(|i| w(0).get(i, a) as f64 * w(1).get(a, i) as f64)
+                        .sum();
+                    s as f32
+                })
+                .collect();
+            Some(TraceForm::Linear(g))
+        }
+        3 => {
+            // Gᵀ[a, b] = Σ_i W0[i, a]·W2[b, i], row by row of W0z (vectorised along b), then ∘ W1.
+            let (h1, h2) = w(1).shape();
+            let w2t = w(2).transpose();
+            let mut c = vec![0.0f32; h1 * h2];
+            for i in 0..dim {
+                let w0row = &w(0).data()[i * h1..(i + 1) * h1];
+                let w2col = w2t.row(i);
+                for (crow, &w0ia) in c.chunks_exact_mut(h2).zip(w0row) {
+                    for (cab, &w2bi) in crow.iter_mut().zip(w2col) {
+                        *cab += w0ia * w2bi;
+                    }
+                }
+            }
+            for (cab, &w1ab) in c.iter_mut().zip(w(1).data()) {
+                *cab *= w1ab;
+            }
+            Some(TraceForm::Bilinear(c))
+        }
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn form_div_body(form: &TraceForm, fwd: &Forward) -> Vec<f32> {
+    match form {
+        TraceForm::Constant(c) => vec![*c; fwd.rows],
+        TraceForm::Linear(g) => fwd.d1[0]
+            .chunks_exact(g.len())
+            .map(|d| {
+                d.iter()
+                    .zip(g)
+                    .map(|(&p, &q)| p as f64 * q as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect(),
+        TraceForm::Bilinear(c) => {
+            let (h1, h2) = (
+                fwd.hidden[0].len() / fwd.rows,
+                fwd.hidden[1].len() / fwd.rows,
+            );
+            let mut u = scratch::dirty(fwd.rows * h2);
+            mm(
+                &mut u,
+                View::new(&fwd.d1[0], fwd.rows, h1),
+                View::new(c, h1, h2),
+                false,
+            );
+            let div = row_dots(&u, &fwd.d1[1], h2);
+            scratch::recycle(u);
+            div
+        }
+    }
+}
+
+multiversion!(
+    /// The exact divergence of each row from its forward pass (with first derivatives).
+    fn form_div(form: &TraceForm, fwd: &Forward) -> Vec<f32> = form_div_body
+);
