@@ -208,11 +208,7 @@ impl<B: Backend> StepObserver for ParamQuadrature<'_, B> {
                 }
                 z.extend(y[..d].iter().map(|&v| v as f32));
                 a.extend(y[d..2 * d].iter().map(|&v| v as f32));
-                t.push(if C[s] == 1.0 {
-                    (steps.t[i] + h) as f32
-                } else {
-                    (steps.t[i] + C[s] * h) as f32
-                });
+                t.push((steps.t[i] + C[s] * h) as f32);
                 w.push((self.scale * h * B5[s]) as f32);
                 source.push(row);
             }

@@ -7,6 +7,8 @@ use std::cell::RefCell;
 
 /// Buffers kept per thread (more than one chunk's worth is never in flight).
 const KEEP: usize = 64;
+/// Values kept per thread (64 MiB), so that wide or deep fields cannot hoard memory.
+const KEEP_VALUES: usize = 16 << 20;
 
 thread_local! {
     static POOL: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
@@ -46,9 +48,13 @@ pub(super) fn recycle(v: Vec<f32>) {
     }
     POOL.with(|p| {
         let mut p = p.borrow_mut();
-        if p.len() == KEEP {
-            // Shapes of past batches (e.g. larger active sets of a per-row solve) go first.
-            p.remove(0);
+        if v.len() > KEEP_VALUES {
+            return;
+        }
+        // Shapes of past batches (e.g. larger active sets of a per-row solve) go first.
+        let mut held: usize = p.iter().map(Vec::len).sum();
+        while !p.is_empty() && (p.len() == KEEP || held + v.len() > KEEP_VALUES) {
+            held -= p.remove(0).len();
         }
         p.push(v);
     });
