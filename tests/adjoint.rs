@@ -424,6 +424,68 @@ fn adjoint_agrees_with_backprop_through_fixed_steps() {
     check_adjoint_vs_discrete(&Cpu, true, true);
 }
 
+// ------------------------------------------------------------------ the solver's step observer
+
+/// The accepted-step observer the parameter quadrature is built on: stages rebuilt from the
+/// reported K_s and weighted by h·B5[s] integrate ∫ y dt along y' = cos t (y = sin t), per row
+/// with per-row spans and directions, to the solver's accuracy; rejected steps are not seen.
+#[test]
+fn accepted_steps_support_a_stage_quadrature() {
+    use flowfuse::ode::{AcceptedSteps, Span, StepObserver, solve_batch_rows_observed};
+    struct Integral {
+        sums: Vec<f64>,
+        steps: Vec<usize>,
+    }
+    impl StepObserver for Integral {
+        fn accepted(&mut self, s: &AcceptedSteps<'_>) -> flowfuse::Result<()> {
+            for (i, &row) in s.rows.iter().enumerate() {
+                let h = s.h[i];
+                let mut acc = 0.0;
+                for st in 0..7 {
+                    let mut y = s.y[i];
+                    for (q, &a) in A[st][..st].iter().enumerate() {
+                        y += h * a * s.k[q][i];
+                    }
+                    acc += B5[st] * y;
+                }
+                self.sums[row] += h * acc;
+                self.steps[row] += 1;
+            }
+            Ok(())
+        }
+    }
+    let (t0, t1) = (vec![0.0, 0.5, 2.0], vec![2.0, 3.0, 0.0]);
+    let y0: Vec<f64> = t0.iter().map(|t: &f64| t.sin()).collect();
+    let mut obs = Integral {
+        sums: vec![0.0; 3],
+        steps: vec![0; 3],
+    };
+    let sol = solve_batch_rows_observed(
+        |_rows, t, _y, dy| {
+            for (d, &ti) in dy.iter_mut().zip(t) {
+                *d = ti.cos();
+            }
+            Ok(())
+        },
+        &mut obs,
+        &y0,
+        1,
+        Span::per_row(t0.clone(), t1.clone()),
+        &tight(1e-10),
+    )
+    .unwrap();
+    for r in 0..3 {
+        // ∫ sin t dt from t0 to t1 (signed).
+        let want = t0[r].cos() - t1[r].cos();
+        assert!(
+            (obs.sums[r] - want).abs() < 1e-8,
+            "row {r}: quadrature {} vs {want}",
+            obs.sums[r]
+        );
+        assert_eq!(obs.steps[r], sol.stats.accepted[r]);
+    }
+}
+
 // ------------------------------------------------------------------ training and errors
 
 fn check_mle_training_lowers_nll<B: Backend>(b: &B) {

@@ -11,7 +11,7 @@ use cnf_support::{Net64, assert_all_close, rows64};
 use flowfuse::Error;
 use flowfuse::backend::{Backend, Cpu};
 use flowfuse::nn::{Activation, Mlp};
-use flowfuse::ops::rk45::{DivCotangent, ParamGrads, ProbeKind, Rk45Ops, TraceMode, probes};
+use flowfuse::ops::rk45::{DivCotangent, ParamGrads, ProbeKind, TraceMode, probes};
 use flowfuse::rng::Rng;
 use flowfuse::tensor::{Shaped, Tensor};
 use flowfuse::testing::fd_gradient;
@@ -388,19 +388,30 @@ fn vjp_with_hutchinson_divergence_matches_finite_differences() {
     }
 }
 
-/// A field without hidden layers (f = [z, t]·W + b) goes through the same code paths.
-#[test]
-fn linear_field_divergence_is_the_trace_of_w() {
-    let b = Cpu;
+/// A field without hidden layers (f = [z, t]·W + b): its divergence is the trace of W's z part.
+fn check_linear_field<B: Backend>(b: &B) {
     let mut rng = Rng::new(5);
     let net = Mlp::new(&[4, 3], Activation::Tanh, &mut rng).unwrap();
     let (z, t) = batch(6, 3, 6);
-    let (_, div) = b.field_div(&net, &z, &t, TraceMode::Exact).unwrap();
+    let (_, div) = b
+        .field_div(
+            &upload_net(b, &net),
+            &b.upload(&z).unwrap(),
+            &b.upload(&t).unwrap(),
+            TraceMode::Exact,
+        )
+        .unwrap();
+    let div = b.download(&div).unwrap();
     let tr: f32 = (0..3).map(|i| net.layers[0].w.get(i, i)).sum();
     for i in 0..6 {
         assert!((div.get(i, 0) - tr).abs() < 1e-6);
     }
-    check_vjp(&b, Activation::Tanh, 2, Div::None, false);
+}
+
+#[test]
+fn linear_field_divergence_is_the_trace_of_w() {
+    check_linear_field(&Cpu);
+    check_vjp(&Cpu, Activation::Tanh, 2, Div::None, false);
 }
 
 // ------------------------------------------------------------------ op errors

@@ -77,7 +77,7 @@ multiversion!(
     ) -> Vec<f32> = backward_body
 );
 
-/// Outputs narrower than this are formed transposed (see [`mm`]).
+/// Outputs narrower than this go to the narrow-product loops (see [`mm`]).
 const NARROW: usize = 16;
 
 /// c (m×n) = a·b [+ c], as [`matmul`]; narrow outputs (n = D = 2 columns of a field) go to
