@@ -3,6 +3,8 @@
 //! body runs on all of them.
 
 pub mod cpu;
+#[cfg(feature = "emu")]
+pub mod emu;
 
 pub use cpu::Cpu;
 
