@@ -263,12 +263,32 @@ fn write_wrapper(
             "static const ffemu_kernel_entry* const ffemu_entries = nullptr;"
         );
     } else {
-        let _ = writeln!(s, "static const ffemu_kernel_entry ffemu_entries[] = {{");
+        // The launch bound is evaluated where the kernel is declared, so a constant from the
+        // kernel's own namespace resolves.
+        let mut bounds = Vec::new();
         for k in kernels {
-            let bound = k.max_threads.as_deref().unwrap_or("0");
+            let Some(expr) = &k.max_threads else {
+                bounds.push("0u".to_string());
+                continue;
+            };
+            let ns = &k.qualified[2..k.qualified.rfind("::").unwrap_or(2).max(2)];
+            let var = format!("ffemu_launch_bound_{}", k.name);
+            if ns.is_empty() {
+                let _ = writeln!(s, "static constexpr unsigned {var} = (unsigned)({expr});");
+                bounds.push(var);
+            } else {
+                let _ = writeln!(
+                    s,
+                    "namespace {ns} {{ static constexpr unsigned {var} = (unsigned)({expr}); }}"
+                );
+                bounds.push(format!("::{ns}::{var}"));
+            }
+        }
+        let _ = writeln!(s, "static const ffemu_kernel_entry ffemu_entries[] = {{");
+        for (k, bound) in kernels.iter().zip(&bounds) {
             let _ = writeln!(
                 s,
-                "    {{\"{name}\", &ffemu::thunk<&{q}>, ffemu::arity(&{q}), (unsigned)({bound})}},",
+                "    {{\"{name}\", &ffemu::thunk<&{q}>, ffemu::arity(&{q}), {bound}}},",
                 name = k.name,
                 q = k.qualified
             );
@@ -474,7 +494,6 @@ enum Tok {
 
 struct Token {
     tok: Tok,
-    start: usize,
     end: usize,
 }
 
@@ -520,7 +539,6 @@ fn tokenize(src: &str) -> Vec<Token> {
                         .map_or(b.len(), |p| open + p + close.len());
                     out.push(Token {
                         tok: Tok::Str(src[start..end].to_string()),
-                        start,
                         end,
                     });
                     i = end;
@@ -529,7 +547,6 @@ fn tokenize(src: &str) -> Vec<Token> {
             }
             out.push(Token {
                 tok: Tok::Ident(word.to_string()),
-                start,
                 end: i,
             });
         } else if c.is_ascii_digit() || (c == b'.' && i + 1 < b.len() && b[i + 1].is_ascii_digit())
@@ -547,7 +564,6 @@ fn tokenize(src: &str) -> Vec<Token> {
             }
             out.push(Token {
                 tok: Tok::Other,
-                start,
                 end: i,
             });
         } else if c == b'"' || c == b'\'' {
@@ -564,13 +580,12 @@ fn tokenize(src: &str) -> Vec<Token> {
             } else {
                 Tok::Other
             };
-            out.push(Token { tok, start, end: i });
+            out.push(Token { tok, end: i });
         } else {
             let ch = src[i..].chars().next().unwrap();
             i += ch.len_utf8();
             out.push(Token {
                 tok: Tok::Punct(ch),
-                start,
                 end: i,
             });
         }
@@ -664,7 +679,7 @@ fn find_kernels(src: &str, file: &Path) -> Vec<Kernel> {
         } else if is_punct(t, ';') {
             stmt_start = i + 1;
         } else if is_ident(t, "ffemu_global") && !scopes.iter().any(|s| matches!(s, Scope::Other)) {
-            if let Some(k) = kernel_at(src, &toks, &scopes, stmt_start, i, file) {
+            if let Some(k) = kernel_at(&toks, &scopes, stmt_start, i, file) {
                 if !found.iter().any(|f| f.name == k.name) {
                     found.push(k);
                 }
@@ -678,7 +693,6 @@ fn find_kernels(src: &str, file: &Path) -> Vec<Kernel> {
 /// The kernel whose declaration starts at `stmt_start` and carries the marker at `marker`, if it
 /// is an `extern "C"` definition (declarations and templates are skipped).
 fn kernel_at(
-    src: &str,
     toks: &[Token],
     scopes: &[Scope],
     stmt_start: usize,
@@ -731,28 +745,17 @@ fn kernel_at(
         return None;
     }
     // __launch_bounds__(max_threads[, min_blocks[, max_cluster]]) anywhere in the declaration.
+    // cuda_emu.h stringizes the arguments (g++ would try to parse them), so the marker carries
+    // one string literal; macros in it expand when the wrapper evaluates it in the same TU.
     let mut max_threads = None;
-    for p in stmt_start..name_at {
-        if is_ident(&toks[p], "ffemu_launch_bounds")
-            && p + 1 < toks.len()
-            && is_punct(&toks[p + 1], '(')
-        {
-            let end = matching(toks, p + 1, '(', ')')?;
-            let mut depth = 0i32;
-            let mut arg_end = end;
-            for (q, t) in toks.iter().enumerate().take(end).skip(p + 2) {
-                match t.tok {
-                    Tok::Punct('(') | Tok::Punct('[') | Tok::Punct('<') => depth += 1,
-                    Tok::Punct(')') | Tok::Punct(']') | Tok::Punct('>') => depth -= 1,
-                    Tok::Punct(',') if depth == 0 => {
-                        arg_end = q;
-                        break;
-                    }
-                    _ => {}
+    for p in stmt_start..name_at.saturating_sub(2) {
+        if is_ident(&toks[p], "ffemu_launch_bounds") && is_punct(&toks[p + 1], '(') {
+            if let Tok::Str(lit) = &toks[p + 2].tok {
+                let text = unquote(lit);
+                let first = first_argument(&text).trim().to_string();
+                if !first.is_empty() {
+                    max_threads = Some(first);
                 }
-            }
-            if arg_end > p + 2 {
-                max_threads = Some(src[toks[p + 2].start..toks[arg_end - 1].end].to_string());
             }
         }
     }
@@ -772,6 +775,40 @@ fn kernel_at(
     })
 }
 
+/// The contents of a plain string literal token (the stringized launch bounds).
+fn unquote(lit: &str) -> String {
+    let inner = lit
+        .strip_prefix('"')
+        .and_then(|l| l.strip_suffix('"'))
+        .unwrap_or(lit);
+    let mut out = String::new();
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(n) = chars.next() {
+                out.push(n);
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The text before the first comma that is not nested in brackets.
+fn first_argument(args: &str) -> &str {
+    let mut depth = 0i32;
+    for (i, c) in args.char_indices() {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth -= 1,
+            ',' if depth == 0 => return &args[..i],
+            _ => {}
+        }
+    }
+    args
+}
+
 /// Dynamic shared memory must be declared as `extern __shared__ T ff_smem[]` (see cuda_emu.h):
 /// the runtime provides that one symbol. Any other name would only fail at link time, far from
 /// the cause, so it is reported here.
@@ -785,8 +822,7 @@ fn check_dynamic_shared_names(src: &str, file: &Path) {
             let before_bracket = decl.split('[').next().unwrap_or("");
             let name = before_bracket
                 .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .filter(|s| !s.is_empty())
-                .last();
+                .rfind(|s| !s.is_empty());
             if name != Some("ff_smem") {
                 panic!(
                     "emu: {}: dynamic shared memory must be declared as `extern __shared__ T ff_smem[];` \

@@ -553,11 +553,11 @@ fn dynamic_and_static_shared_memory() {
             order,
         )
         .unwrap();
-        for i in 0..n {
+        for (i, got) in y.iter().enumerate() {
             let (b, t) = (i / 256, i % 256);
             let m = b * 256 + 255 - t;
             let want = if m < n { x[m] } else { 0.0 } + b as f32;
-            assert_eq!(y[i], want, "element {i}");
+            assert_eq!(*got, want, "element {i}");
         }
     }
     // Too little dynamic shared memory for the block: the writes past it are reported.

@@ -53,7 +53,9 @@
 // __global__ becomes an attribute g++ ignores (-Wno-attributes) but that survives `g++ -E`, so
 // build/emu.rs can find every kernel in the preprocessed source, macro-instantiated ones included.
 #define __global__ __attribute__((ffemu_global))
-#define __launch_bounds__(...) __attribute__((ffemu_launch_bounds(__VA_ARGS__)))
+// The bounds are stringized: g++ parses the arguments of unknown attributes and would reject
+// qualified names such as ff::kBlock.
+#define __launch_bounds__(...) __attribute__((ffemu_launch_bounds(#__VA_ARGS__)))
 #define __device__
 #define __host__
 #define __forceinline__ inline

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -30,7 +31,12 @@ namespace {
 // from the kernels' point of view.
 std::mutex g_launch_mutex;
 std::atomic<bool> g_in_launch{false};
-std::atomic<int> g_switch_impl{0};
+// FFEMU_SWITCH=ucontext selects swapcontext for every launch (to test that path).
+int initial_switch_impl() {
+    const char* s = std::getenv("FFEMU_SWITCH");
+    return (s != nullptr && std::strcmp(s, "ucontext") == 0) || !asm_switch_available() ? 1 : 0;
+}
+std::atomic<int> g_switch_impl{initial_switch_impl()};
 std::atomic<unsigned long long> g_clock{0};
 
 struct KernelRef {
