@@ -497,6 +497,8 @@ fn atomics_across_blocks_and_threads() {
         let (mut sum, mut imax, mut umax, mut fmax, mut last) =
             (0.0f32, i32::MIN, 0u32, f32::NEG_INFINITY, -1i32);
         let mut prev = vec![0i32; n];
+        let mut fmax_helper = f32::NEG_INFINITY;
+        let mut pfh = &mut fmax_helper as *mut f32;
         let (mut pk, mut pv, mut nn, mut ph) =
             (keys.as_ptr(), vals.as_ptr(), n as i32, hist.as_mut_ptr());
         let (mut ps, mut pi, mut pu, mut pf, mut pl, mut pp) = (
@@ -512,7 +514,7 @@ fn atomics_across_blocks_and_threads() {
             [8, 1, 1],
             [128, 1, 1],
             0,
-            &mut args![pk, pv, nn, ph, ps, pi, pu, pf, pl, pp],
+            &mut args![pk, pv, nn, ph, ps, pi, pu, pf, pl, pp, pfh],
             order,
         )
         .unwrap();
@@ -527,6 +529,7 @@ fn atomics_across_blocks_and_threads() {
         assert_eq!(imax, keys.iter().max().unwrap() - 500);
         assert_eq!(umax, *keys.iter().max().unwrap() as u32);
         assert_eq!(fmax, vals.iter().cloned().fold(f32::NEG_INFINITY, f32::max));
+        assert_eq!(fmax_helper, fmax);
         // atomicExch hands each previous holder on exactly once: {prev} + {last} = {-1, 0..n}.
         let mut chain: Vec<i32> = prev.clone();
         chain.push(last);

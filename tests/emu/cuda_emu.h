@@ -66,7 +66,11 @@
 #define __constant__
 #define __managed__
 #define __grid_constant__
-#define __CUDACC__EMU 1
+
+// Kernels are compiled as if in nvcc's device pass for sm_90 (H100/H200), so code guarded by
+// `#if __CUDA_ARCH__ >= 800` (candle's bf16 kernels, for instance) is built. Inline PTX under such
+// a guard must also be excluded with `#ifndef FFEMU`.
+#define __CUDA_ARCH__ 900
 
 // ---- vector types and built-in variables ----
 typedef ffemu::uint3_t uint3;
