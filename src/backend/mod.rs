@@ -4,6 +4,8 @@
 
 pub mod cpu;
 pub mod cuda;
+#[cfg(feature = "emu")]
+pub mod emu;
 pub mod grid;
 
 pub use cpu::Cpu;
