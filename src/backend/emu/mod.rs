@@ -8,6 +8,9 @@
 //! "variant/kernel" next to the clean "kernel".
 
 mod ffi;
+mod grid;
+
+pub use grid::{Emu, EmuBuf, EmuGrid};
 
 pub use ffi::{
     ContextSwitch, KernelInfo, ThreadOrder, arg, duplicate_kernel, kernel_info, kernel_names,
