@@ -19,6 +19,9 @@ use crate::error::{Error, Result};
 /// The CUDA backend.
 pub type Cuda = Grid<CudaGrid>;
 
+/// The value of a null device pointer argument.
+static NULL_PTR: u64 = 0;
+
 /// Dynamic shared memory above this needs an opt-in attribute per function.
 const DEFAULT_SMEM_LIMIT: u32 = 48 * 1024;
 
@@ -282,6 +285,7 @@ impl GridDevice for CudaGrid {
         for a in args {
             match a {
                 KArg::Buf(buf) => b.arg(*buf),
+                KArg::Null => b.arg(&NULL_PTR),
                 KArg::I32(v) => b.arg(v),
                 KArg::U32(v) => b.arg(v),
                 KArg::I64(v) => b.arg(v),

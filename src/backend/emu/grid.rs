@@ -147,6 +147,7 @@ impl GridDevice for EmuGrid {
             .iter()
             .map(|a| match a {
                 KArg::Buf(b) => Slot::Ptr(b.ptr.cast()),
+                KArg::Null => Slot::Ptr(std::ptr::null_mut()),
                 KArg::I32(v) => Slot::I32(*v),
                 KArg::U32(v) => Slot::U32(*v),
                 KArg::I64(v) => Slot::I64(*v),

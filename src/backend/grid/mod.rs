@@ -59,6 +59,8 @@ impl LaunchCfg {
 pub enum KArg<'a, B> {
     /// A device pointer (input or output).
     Buf(&'a B),
+    /// A null device pointer (an unused optional buffer, e.g. the missing layers of a shallow MLP).
+    Null,
     I32(i32),
     U32(u32),
     I64(i64),
@@ -165,14 +167,34 @@ impl<G: GridDevice> GridIdx<G> {
     }
 }
 
+/// Storage precision of the matrix products inside the fused kernels. Accumulation, log-dets
+/// and everything the ops return stay f32 whatever this says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    F32,
+    /// bf16 weights and activations on tensor cores (mma.m16n8k16), f32 accumulation.
+    Bf16,
+}
+
 /// A backend that runs the kernels on a grid device.
 pub struct Grid<G: GridDevice> {
     pub dev: G,
+    pub precision: Precision,
 }
 
 impl<G: GridDevice> Grid<G> {
     pub fn with_device(dev: G) -> Self {
-        Grid { dev }
+        Grid {
+            dev,
+            precision: Precision::F32,
+        }
+    }
+
+    /// The same device with another matmul precision.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
     }
 
     /// A fresh zeroed rows×cols matrix.
