@@ -79,13 +79,51 @@ pub fn flow_figures<B: Backend>(
     let stages = flow.forward_stages(b, &z)?;
     let panels = stage_panels(&stages);
     let layers_png = out.join("layers.png");
+    let extents: Vec<[f32; 4]> = panels.iter().map(|(_, t)| robust_extent(t)).collect();
     panels_figure(
         &layers_png,
         &format!("{name}: the base Gaussian carried through the layers"),
         &panels,
-        extent,
+        &extents,
     )?;
     Ok(vec![density, samples_png, layers_png])
+}
+
+/// A window holding the central 99% of the points along each axis (a few far-out base draws
+/// must not shrink the picture), with a margin.
+fn robust_extent(t: &Tensor) -> [f32; 4] {
+    let mut out = [
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+    ];
+    {
+        for k in 0..2 {
+            let mut v: Vec<f32> = (0..t.rows())
+                .map(|i| t.get(i, k))
+                .filter(|v| v.is_finite())
+                .collect();
+            if v.is_empty() {
+                continue;
+            }
+            v.sort_by(f32::total_cmp);
+            let lo = v[v.len() / 200];
+            let hi = v[v.len() - 1 - v.len() / 200];
+            out[2 * k] = out[2 * k].min(lo);
+            out[2 * k + 1] = out[2 * k + 1].max(hi);
+        }
+    }
+    if !out.iter().all(|v| v.is_finite()) || out[1] <= out[0] || out[3] <= out[2] {
+        return [-3.0, 3.0, -3.0, 3.0];
+    }
+    let margin = 0.08 * (out[1] - out[0]).max(out[3] - out[2]);
+    [
+        out[0] - margin,
+        out[1] + margin,
+        out[2] - margin,
+        out[3] + margin,
+    ]
 }
 
 /// At most eight panels: the base, evenly spaced intermediate stages, and the output.
