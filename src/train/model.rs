@@ -108,12 +108,24 @@ pub fn load_flow<B: Backend>(path: &Path, b: &B) -> Result<(Flow<B>, ModelMeta)>
             _ => return Err(corrupt(path, format!("unexpected tensor '{name}'"))),
         }
     }
+    if meta.tensor_names.len() != meta.layers.len() {
+        return Err(corrupt(path, "tensor names do not match the layer list"));
+    }
     let mut layers = Vec::with_capacity(meta.layers.len());
-    for (i, (config, tensors)) in meta.layers.iter().zip(by_layer).enumerate() {
-        let state = LayerState {
-            config: config.clone(),
-            tensors,
-        };
+    for (i, ((config, mut tensors), names)) in meta.layers.iter().zip(by_layer).zip(&meta.tensor_names).enumerate() {
+        if tensors.len() != names.len() {
+            return Err(corrupt(path, format!("layer {i} has {} tensors, its description lists {}", tensors.len(), names.len())));
+        }
+        // Back into the order the layer handed them out.
+        let mut ordered = Vec::with_capacity(names.len());
+        for name in names {
+            let k = tensors
+                .iter()
+                .position(|(n, _)| n == name)
+                .ok_or_else(|| corrupt(path, format!("layer {i}: missing tensor '{name}'")))?;
+            ordered.push(tensors.swap_remove(k));
+        }
+        let state = LayerState { config: config.clone(), tensors: ordered };
         let layer =
             layer_from_state(b, &state).map_err(|e| corrupt(path, format!("layer {i}: {e}")))?;
         layers.push(layer);
