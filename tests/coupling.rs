@@ -780,7 +780,8 @@ fn check_from_state_errors<B: Backend>(b: &B) {
         f(&mut s);
         s
     };
-    let cases: Vec<(&str, LayerState, fn(&Error) -> bool)> = vec![
+    type Case = (&'static str, LayerState, fn(&Error) -> bool);
+    let cases: Vec<Case> = vec![
         (
             "not a coupling layer",
             edit(&|s| {

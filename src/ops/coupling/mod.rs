@@ -153,8 +153,7 @@ impl CouplingSpec {
                 )));
             }
             CouplingKind::Spline { bins, bound }
-                if !(2..=SPLINE_MAX_BINS).contains(&bins)
-                    || !(bound > 0.0 && bound.is_finite()) =>
+                if !((2..=SPLINE_MAX_BINS).contains(&bins) && bound > 0.0 && bound.is_finite()) =>
             {
                 return Err(Error::invalid(format!(
                     "{op}: spline needs 2..={SPLINE_MAX_BINS} bins and a positive bound, got {bins} bins on ±{bound}"
