@@ -54,7 +54,7 @@ fn quantise(t: &Tensor) -> Tensor {
 }
 
 /// A conditioner far from the identity: random weights with the output layer scaled up, so
-/// that affine scales reach e^±1 and spline bins are clearly uneven.
+/// that affine scales reach e^±1 and beyond and spline bins are clearly uneven.
 fn random_net(spec: &CouplingSpec, act: Activation, seed: u64) -> Mlp<Tensor> {
     let mut rng = Rng::new(seed);
     let mut net = Mlp::new(&[spec.net_in(), 8, 7, spec.net_out()], act, &mut rng).unwrap();

@@ -1,7 +1,7 @@
 //! Row-major f32 matrix products on the host, through the `gemm` crate (AVX-512/AVX2 kernels
 //! chosen at run time). Callers parallelise over batch chunks, so each product runs on one thread.
 //!
-//! Products with a dimension of at most [`SMALL`] (the first and last layers of a conditioner
+//! Products with a dimension of at most `SMALL` (4) (the first and last layers of a conditioner
 //! on 2-D data, and their gradients) leave the crate's register tiles mostly empty — a
 //! 256×64·64×2 product ran at a tenth of its usual speed — so they take plain loops vectorised
 //! along a long dimension instead.
