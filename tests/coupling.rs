@@ -54,7 +54,7 @@ fn quantise(t: &Tensor) -> Tensor {
 }
 
 /// A conditioner far from the identity: random weights with the output layer scaled up, so
-/// that affine scales reach e^±1 and spline bins are clearly uneven.
+/// that affine scales reach e^±1 and beyond and spline bins are clearly uneven.
 fn random_net(spec: &CouplingSpec, act: Activation, seed: u64) -> Mlp<Tensor> {
     let mut rng = Rng::new(seed);
     let mut net = Mlp::new(&[spec.net_in(), 8, 7, spec.net_out()], act, &mut rng).unwrap();
@@ -780,7 +780,8 @@ fn check_from_state_errors<B: Backend>(b: &B) {
         f(&mut s);
         s
     };
-    let cases: Vec<(&str, LayerState, fn(&Error) -> bool)> = vec![
+    type Case = (&'static str, LayerState, fn(&Error) -> bool);
+    let cases: Vec<Case> = vec![
         (
             "not a coupling layer",
             edit(&|s| {

@@ -1,19 +1,24 @@
 //! Reference coupling op: the conditioner MLP on the copied half, the coupling transform of the
 //! other half and the per-row log-determinant in one call (eq. 18.10–18.14), plus its backward.
 //!
-//! The batch is split into chunks of [`CHUNK_ROWS`] rows run in parallel; each chunk gathers its
-//! copied half, runs the MLP through the host GEMM and transforms its rows in place. Parameter
-//! gradients are summed over chunks in chunk order, so results do not depend on thread timing.
+//! The batch is split into blocks of [`CHUNK_ROWS`] rows run in parallel (the chunking of
+//! `par_row_chunks`, but each block writes straight into its rows of the result, so nothing is
+//! concatenated afterwards). A block gathers its copied half, runs the MLP through the host
+//! GEMM and transforms its rows in place. Parameter gradients are summed over blocks in block
+//! order, so results do not depend on thread timing.
 
+mod affine;
 mod spline;
+mod vmath;
 
 use std::ops::Range;
 
+use rayon::prelude::*;
 use spline::RqSpline;
 
 use super::{CouplingKind, CouplingOps, CouplingSpec};
 use crate::backend::Cpu;
-use crate::backend::cpu::{CHUNK_ROWS, concat_rows, mlp, par_row_chunks};
+use crate::backend::cpu::{CHUNK_ROWS, mlp};
 use crate::error::{Error, Result};
 use crate::nn::mlp::Mlp;
 use crate::ops::Direction;
@@ -32,20 +37,16 @@ impl CouplingOps for Cpu {
     ) -> Result<(Tensor, Tensor)> {
         validate(OP, spec, net, input)?;
         let rows = input.rows();
-        let chunks = par_row_chunks(rows, CHUNK_ROWS, |r| {
-            forward_chunk(spec, net, input, r, dir)
+        // The copied half of the output is the input itself; blocks transform the rest in place.
+        let mut out = input.clone();
+        let blocks = par_row_blocks(out.data_mut(), spec.dim, |r, block| {
+            forward_block(spec, net, block, r, dir)
         });
-        let mut outs = Vec::with_capacity(chunks.len());
-        let mut logdets = Vec::with_capacity(chunks.len());
-        for c in chunks {
-            let (o, l) = c?;
-            outs.push(o);
-            logdets.push(l);
+        let mut logdet = Vec::with_capacity(rows);
+        for b in blocks {
+            logdet.extend_from_slice(&b?);
         }
-        Ok((
-            concat_rows(outs, rows, spec.dim),
-            concat_rows(logdets, rows, 1),
-        ))
+        Ok((out, Tensor::from_vec(rows, 1, logdet)?))
     }
 
     fn coupling_backward(
@@ -61,27 +62,43 @@ impl CouplingOps for Cpu {
         let rows = input.rows();
         d_out.expect_shape(OP_BACKWARD, rows, spec.dim)?;
         d_logdet.expect_shape(OP_BACKWARD, rows, 1)?;
-        d_out.check_finite("coupling_backward d_out")?;
-        d_logdet.check_finite("coupling_backward d_logdet")?;
-        let chunks = par_row_chunks(rows, CHUNK_ROWS, |r| {
-            backward_chunk(spec, net, input, d_out, d_logdet, r, dir)
+        check_finite(d_out, "coupling_backward d_out")?;
+        check_finite(d_logdet, "coupling_backward d_logdet")?;
+        // Starts as d_out: the copied half passes it through, the rest is overwritten per block.
+        let mut d_in = d_out.clone();
+        let blocks = par_row_blocks(d_in.data_mut(), spec.dim, |r, block| {
+            backward_block(spec, net, input, d_logdet, block, r, dir)
         });
-        let mut d_ins = Vec::with_capacity(chunks.len());
         let mut grads: Option<Mlp<Tensor>> = None;
-        for c in chunks {
-            let (d_in, g) = c?;
-            d_ins.push(d_in);
+        for b in blocks {
+            let g = b?;
             match grads.as_mut() {
                 None => grads = Some(g),
                 Some(acc) => mlp::add_into(acc, &g),
             }
         }
-        let grads = grads.expect("a non-empty batch has at least one chunk");
+        let grads = grads.expect("a non-empty batch has at least one block");
         for (name, t) in grads.tensor_names().iter().zip(grads.tensors()) {
-            t.check_finite(&format!("coupling_backward gradient of {name}"))?;
+            check_finite(t, &format!("coupling_backward gradient of {name}"))?;
         }
-        Ok((concat_rows(d_ins, rows, spec.dim), grads))
+        Ok((d_in, grads))
     }
+}
+
+/// Runs `f(rows, block)` over consecutive blocks of at most [`CHUNK_ROWS`] rows of the
+/// row-major `data` (`cols` wide) in parallel, and returns the results in row order.
+fn par_row_blocks<T: Send>(
+    data: &mut [f32],
+    cols: usize,
+    f: impl Fn(Range<usize>, &mut [f32]) -> T + Sync + Send,
+) -> Vec<T> {
+    data.par_chunks_mut(CHUNK_ROWS * cols)
+        .enumerate()
+        .map(|(i, block)| {
+            let start = i * CHUNK_ROWS;
+            f(start..start + block.len() / cols, block)
+        })
+        .collect()
 }
 
 /// Spec, shapes, an empty batch, and non-finite input or parameters.
@@ -95,102 +112,126 @@ fn validate(
     if input.rows() == 0 {
         return Err(Error::Empty(format!("{op}: the batch has no rows")));
     }
-    input.check_finite(&format!("{op} input"))?;
+    check_finite(input, &format!("{op} input"))?;
     for (name, t) in net.tensor_names().iter().zip(net.tensors()) {
-        t.check_finite(&format!("{op} conditioner {name}"))?;
+        check_finite(t, &format!("{op} conditioner {name}"))?;
     }
     Ok(())
 }
 
-/// The copied half of `rows` as a contiguous (rows × n_A) conditioner input.
-fn conditioner_input(spec: &CouplingSpec, input: &Tensor, rows: &Range<usize>) -> Vec<f32> {
+/// Whether every value is finite: integer tests on the exponent bits with no early exit inside
+/// a stretch, so the scan vectorises (it runs over every input and output).
+fn all_finite(data: &[f32]) -> bool {
+    const EXP: u32 = 0x7f80_0000;
+    data.chunks(4096).all(|c| {
+        c.iter()
+            .fold(0u32, |bad, v| bad | ((v.to_bits() & EXP) == EXP) as u32)
+            == 0
+    })
+}
+
+/// `Tensor::check_finite` behind the fast scan; the position is only looked up on failure.
+fn check_finite(t: &Tensor, what: &str) -> Result<()> {
+    if all_finite(t.data()) {
+        Ok(())
+    } else {
+        t.check_finite(what)
+    }
+}
+
+/// Errors on the first non-finite value of a block's `cols`-wide result, naming its batch row.
+fn check_block(what: &str, data: &[f32], cols: usize, first_row: usize) -> Result<()> {
+    if all_finite(data) {
+        return Ok(());
+    }
+    let k = data.iter().position(|v| !v.is_finite()).unwrap_or(0);
+    Err(Error::NonFinite {
+        what: what.to_string(),
+        row: first_row + k / cols,
+        col: k % cols,
+    })
+}
+
+/// The copied half of a block's rows as a contiguous (rows × n_A) conditioner input.
+fn conditioner_input(spec: &CouplingSpec, block: &[f32]) -> Vec<f32> {
     let cols = spec.copied_cols();
-    let mut v = Vec::with_capacity(rows.len() * cols.len());
-    for i in rows.clone() {
-        v.extend_from_slice(&input.row(i)[cols.clone()]);
+    let mut v = Vec::with_capacity(block.len() / spec.dim * cols.len());
+    for row in block.chunks_exact(spec.dim) {
+        v.extend_from_slice(&row[cols.clone()]);
     }
     v
 }
 
-/// Errors on the first non-finite value of a chunk's `cols`-wide result, naming its batch row.
-fn check_chunk(what: &str, data: &[f32], cols: usize, first_row: usize) -> Result<()> {
-    match data.iter().position(|v| !v.is_finite()) {
-        None => Ok(()),
-        Some(k) => Err(Error::NonFinite {
-            what: what.to_string(),
-            row: first_row + k / cols,
-            col: k % cols,
-        }),
-    }
-}
-
-/// Output rows (rows × D) and log-dets (rows × 1) of one chunk.
-fn forward_chunk(
+/// Transforms a block of rows (holding the input on entry) in place; returns its log-dets.
+fn forward_block(
     spec: &CouplingSpec,
     net: &Mlp<Tensor>,
-    input: &Tensor,
+    block: &mut [f32],
     rows: Range<usize>,
     dir: Direction,
-) -> Result<(Vec<f32>, Vec<f32>)> {
+) -> Result<Vec<f32>> {
     let (n, d, p) = (rows.len(), spec.dim, spec.net_out());
-    let cond = conditioner_input(spec, input, &rows);
-    let params = mlp::forward(net, &cond, n).out;
-    let t_cols = spec.transformed_cols();
-    // The copied half is the input itself: start from a copy and transform the rest in place.
-    let mut out = input.data()[rows.start * d..rows.end * d].to_vec();
+    let cond = conditioner_input(spec, block);
+    let params = mlp::forward_output(net, &cond, n);
+    let rs = affine::Rows {
+        params: &params,
+        p,
+        d,
+        t: spec.transformed_cols(),
+        dir,
+    };
     let mut logdet = vec![0.0f32; n];
-    let mut h = Transform::new(spec.kind);
-    for (r, ld) in logdet.iter_mut().enumerate() {
-        let row = &mut out[r * d..(r + 1) * d];
-        *ld = h.apply_row(&params[r * p..(r + 1) * p], &mut row[t_cols.clone()], dir) as f32;
-    }
-    check_chunk("coupling output", &out, d, rows.start)?;
-    check_chunk("coupling log-det", &logdet, 1, rows.start)?;
-    Ok((out, logdet))
+    Transform::new(spec).apply_rows(&rs, block, &mut logdet);
+    check_block("coupling output", block, d, rows.start)?;
+    check_block("coupling log-det", &logdet, 1, rows.start)?;
+    Ok(logdet)
 }
 
-/// dL/d input rows (rows × D) and this chunk's parameter gradients.
-fn backward_chunk(
+/// Backward for a block of rows: `block` holds dL/d output on entry and dL/d input on return.
+/// Returns this block's parameter gradients.
+fn backward_block(
     spec: &CouplingSpec,
     net: &Mlp<Tensor>,
     input: &Tensor,
-    d_out: &Tensor,
     d_logdet: &Tensor,
+    block: &mut [f32],
     rows: Range<usize>,
     dir: Direction,
-) -> Result<(Vec<f32>, Mlp<Tensor>)> {
+) -> Result<Mlp<Tensor>> {
     let (n, d, p) = (rows.len(), spec.dim, spec.net_out());
     let (a_cols, t_cols) = (spec.copied_cols(), spec.transformed_cols());
-    let cond = conditioner_input(spec, input, &rows);
+    let x = &input.data()[rows.start * d..rows.end * d];
+    let cond = conditioner_input(spec, x);
     let tape = mlp::forward(net, &cond, n);
-    // The copied half passes d_out straight through; the transformed half is overwritten below.
-    let mut d_in = d_out.data()[rows.start * d..rows.end * d].to_vec();
     let mut d_params = vec![0.0f32; n * p];
-    let mut h = Transform::new(spec.kind);
-    for (r, i) in rows.clone().enumerate() {
-        h.backward_row(
-            &tape.out[r * p..(r + 1) * p],
-            &input.row(i)[t_cols.clone()],
-            dir,
-            &d_out.row(i)[t_cols.clone()],
-            d_logdet.get(i, 0),
-            &mut d_in[r * d..(r + 1) * d][t_cols.clone()],
-            &mut d_params[r * p..(r + 1) * p],
-        );
-    }
+    let rs = affine::Rows {
+        params: &tape.out,
+        p,
+        d,
+        t: t_cols,
+        dir,
+    };
+    Transform::new(spec).backward_rows(
+        &rs,
+        x,
+        block,
+        &d_logdet.data()[rows.clone()],
+        &mut d_params,
+    );
     // The copied half also feeds the conditioner.
     let mut grads = net.zeros_like();
     let d_cond = mlp::backward(net, &cond, &tape, &d_params, &mut grads, true)
         .expect("mlp::backward returns dx when asked");
-    let na = a_cols.len();
-    for r in 0..n {
-        let dst = &mut d_in[r * d..(r + 1) * d][a_cols.clone()];
-        for (g, &c) in dst.iter_mut().zip(&d_cond[r * na..(r + 1) * na]) {
+    for (g_row, dc) in block
+        .chunks_exact_mut(d)
+        .zip(d_cond.chunks_exact(a_cols.len()))
+    {
+        for (g, &c) in g_row[a_cols.clone()].iter_mut().zip(dc) {
             *g += c;
         }
     }
-    check_chunk("coupling_backward d_input", &d_in, d, rows.start)?;
-    Ok((d_in, grads))
+    check_block("coupling_backward d_input", block, d, rows.start)?;
+    Ok(grads)
 }
 
 /// The coupling function of one kind, with whatever scratch it needs.
@@ -201,132 +242,90 @@ enum Transform {
 }
 
 impl Transform {
-    fn new(kind: CouplingKind) -> Self {
-        match kind {
+    fn new(spec: &CouplingSpec) -> Self {
+        match spec.kind {
             CouplingKind::Affine { clamp } => Transform::Affine { clamp },
             CouplingKind::Additive => Transform::Additive,
             CouplingKind::Spline { bins, bound } => Transform::Spline(RqSpline::new(bins, bound)),
         }
     }
 
-    /// Transforms one row's transformed half `v` in place from its conditioner output `p`;
-    /// returns the row's log-det (accumulated in f64).
-    fn apply_row(&mut self, p: &[f32], v: &mut [f32], dir: Direction) -> f64 {
-        let nb = v.len();
+    /// Transforms the rows of a block in place (see [`affine::Rows`]), log-dets into `logdet`
+    /// (accumulated per row in f64).
+    fn apply_rows(&mut self, rs: &affine::Rows, block: &mut [f32], logdet: &mut [f32]) {
         match self {
-            Transform::Affine { clamp } => {
-                let (raw, shift) = p.split_at(nb);
-                let mut sum = 0.0f64;
-                for ((x, &r), &b) in v.iter_mut().zip(raw).zip(shift) {
-                    let s = soft_clamp(r, *clamp);
-                    // eq. 18.10 forward; its inverse (18.11 form) uses exp(−s).
-                    *x = match dir {
-                        Direction::Forward => *x * s.exp() + b,
-                        Direction::Inverse => (*x - b) * (-s).exp(),
-                    };
-                    sum += s as f64;
-                }
-                match dir {
-                    Direction::Forward => sum,
-                    Direction::Inverse => -sum,
-                }
-            }
+            Transform::Affine { clamp } => affine::affine_apply_rows(*clamp, rs, block, logdet),
             Transform::Additive => {
-                for (x, &b) in v.iter_mut().zip(p) {
-                    *x = match dir {
-                        Direction::Forward => *x + b,
-                        Direction::Inverse => *x - b,
-                    };
+                for (row, pr) in block
+                    .chunks_exact_mut(rs.d)
+                    .zip(rs.params.chunks_exact(rs.p))
+                {
+                    affine::additive_apply(pr, &mut row[rs.t.clone()], rs.dir);
                 }
-                0.0
+                logdet.fill(0.0);
             }
             Transform::Spline(sp) => {
                 let len = sp.block_len();
-                let mut sum = 0.0f64;
-                for (x, block) in v.iter_mut().zip(p.chunks_exact(len)) {
-                    sp.load(block);
-                    let (y, ld) = sp.apply(*x, dir);
-                    *x = y;
-                    sum += ld as f64;
+                let items = block
+                    .chunks_exact_mut(rs.d)
+                    .zip(rs.params.chunks_exact(rs.p))
+                    .zip(logdet);
+                for ((row, pr), ld) in items {
+                    let mut sum = 0.0f64;
+                    for (x, b) in row[rs.t.clone()].iter_mut().zip(pr.chunks_exact(len)) {
+                        sp.load(b);
+                        let (y, l) = sp.apply(*x, rs.dir);
+                        *x = y;
+                        sum += l as f64;
+                    }
+                    *ld = sum as f32;
                 }
-                sum
             }
         }
     }
 
-    /// Backward of `apply_row` for one row: from the input values `v`, the upstream gradient
-    /// `g_out` of the transformed half and `g_ld` of the row's log-det, writes dL/dv into `g_v`
-    /// and adds dL/d(conditioner output) into `g_p`.
-    #[allow(clippy::too_many_arguments)]
-    fn backward_row(
+    /// Backward of `apply_rows`: `x` holds the block's input rows, `g` dL/d output on entry and
+    /// dL/d input on return (transformed columns; the copied ones are left alone), `d_logdet`
+    /// dL/d(row log-det); dL/d(conditioner output) goes into `g_params` (zero on entry).
+    fn backward_rows(
         &mut self,
-        p: &[f32],
-        v: &[f32],
-        dir: Direction,
-        g_out: &[f32],
-        g_ld: f32,
-        g_v: &mut [f32],
-        g_p: &mut [f32],
+        rs: &affine::Rows,
+        x: &[f32],
+        g: &mut [f32],
+        d_logdet: &[f32],
+        g_params: &mut [f32],
     ) {
-        let nb = v.len();
         match self {
             Transform::Affine { clamp } => {
-                let c = *clamp;
-                let (raw, shift) = p.split_at(nb);
-                let (g_raw, g_shift) = g_p.split_at_mut(nb);
-                for j in 0..nb {
-                    let t = (raw[j] / c).tanh();
-                    let s = c * t;
-                    let (g_s, g_b, g_x) = match dir {
-                        // x = z·e^s + b, logdet += s.
-                        Direction::Forward => {
-                            let e = s.exp();
-                            (g_out[j] * v[j] * e + g_ld, g_out[j], g_out[j] * e)
-                        }
-                        // z = (x − b)·e^(−s), logdet −= s.
-                        Direction::Inverse => {
-                            let e = (-s).exp();
-                            let z = (v[j] - shift[j]) * e;
-                            (-g_out[j] * z - g_ld, -g_out[j] * e, g_out[j] * e)
-                        }
-                    };
-                    // d(c·tanh(r/c))/dr = 1 − tanh².
-                    g_raw[j] += g_s * (1.0 - t * t);
-                    g_shift[j] += g_b;
-                    g_v[j] = g_x;
-                }
+                affine::affine_backward_rows(*clamp, rs, x, g, d_logdet, g_params)
             }
             Transform::Additive => {
-                let sign = match dir {
-                    Direction::Forward => 1.0,
-                    Direction::Inverse => -1.0,
-                };
-                for j in 0..nb {
-                    g_p[j] += sign * g_out[j];
-                    g_v[j] = g_out[j];
+                for (g_row, g_p) in g.chunks_exact(rs.d).zip(g_params.chunks_exact_mut(rs.p)) {
+                    affine::additive_backward(rs.dir, &g_row[rs.t.clone()], g_p);
                 }
             }
             Transform::Spline(sp) => {
                 let len = sp.block_len();
-                for j in 0..nb {
-                    let block = &p[j * len..(j + 1) * len];
-                    sp.load(block);
-                    g_v[j] = sp.backward(
-                        block,
-                        v[j],
-                        dir,
-                        g_out[j],
-                        g_ld,
-                        &mut g_p[j * len..(j + 1) * len],
-                    );
+                let items = g
+                    .chunks_exact_mut(rs.d)
+                    .zip(x.chunks_exact(rs.d))
+                    .zip(
+                        rs.params
+                            .chunks_exact(rs.p)
+                            .zip(g_params.chunks_exact_mut(rs.p)),
+                    )
+                    .zip(d_logdet);
+                for (((g_row, x_row), (pr, g_p)), &g_ld) in items {
+                    let cols = g_row[rs.t.clone()]
+                        .iter_mut()
+                        .zip(&x_row[rs.t.clone()])
+                        .zip(pr.chunks_exact(len).zip(g_p.chunks_exact_mut(len)));
+                    for ((gj, &vj), (b, g_b)) in cols {
+                        sp.load(b);
+                        *gj = sp.backward(b, vj, rs.dir, *gj, g_ld, g_b);
+                    }
                 }
             }
         }
     }
-}
-
-/// s = c·tanh(raw/c): close to raw for small values, never beyond ±c (DESIGN.md "Numerics").
-#[inline]
-fn soft_clamp(raw: f32, clamp: f32) -> f32 {
-    clamp * (raw / clamp).tanh()
 }

@@ -37,7 +37,7 @@ pub enum CouplingKind {
     /// Conditioner output per transformed column: [raw s | b]. Forward log-det Σ s, inverse
     /// z_B = (x_B − b) ⊙ exp(−s) with log-det −Σ s.
     Affine { clamp: f32 },
-    /// NICE: x_B = z_B + b; volume preserving. Conditioner output: [b].
+    /// NICE: x_B = z_B + b; volume preserving. Conditioner output: `[b]`.
     Additive,
     /// Monotone rational-quadratic spline on [-bound, bound] with `bins` bins and the identity
     /// outside (Durkan et al. 2019). Conditioner output per transformed column:
@@ -153,8 +153,7 @@ impl CouplingSpec {
                 )));
             }
             CouplingKind::Spline { bins, bound }
-                if !(2..=SPLINE_MAX_BINS).contains(&bins)
-                    || !(bound > 0.0 && bound.is_finite()) =>
+                if !((2..=SPLINE_MAX_BINS).contains(&bins) && bound > 0.0 && bound.is_finite()) =>
             {
                 return Err(Error::invalid(format!(
                     "{op}: spline needs 2..={SPLINE_MAX_BINS} bins and a positive bound, got {bins} bins on ±{bound}"
