@@ -28,6 +28,9 @@ pub struct ModelMeta {
     pub family: String,
     pub dim: usize,
     pub layers: Vec<LayerConfig>,
+    /// Each layer's tensor names in the order the layer hands them out (the file itself keeps
+    /// tensors sorted by name).
+    pub tensor_names: Vec<Vec<String>>,
     /// Free-form facts about training (data, steps, NLLs), for the user.
     #[serde(default)]
     pub notes: BTreeMap<String, String>,
@@ -55,6 +58,10 @@ pub fn save_flow<B: Backend>(
         family: family.into(),
         dim: flow.dim(),
         layers: states.iter().map(|s| s.config.clone()).collect(),
+        tensor_names: states
+            .iter()
+            .map(|s| s.tensors.iter().map(|(n, _)| n.clone()).collect())
+            .collect(),
         notes,
     };
     let mut tensors = Vec::new();
@@ -112,9 +119,22 @@ pub fn load_flow<B: Backend>(path: &Path, b: &B) -> Result<(Flow<B>, ModelMeta)>
         return Err(corrupt(path, "tensor names do not match the layer list"));
     }
     let mut layers = Vec::with_capacity(meta.layers.len());
-    for (i, ((config, mut tensors), names)) in meta.layers.iter().zip(by_layer).zip(&meta.tensor_names).enumerate() {
+    for (i, ((config, mut tensors), names)) in meta
+        .layers
+        .iter()
+        .zip(by_layer)
+        .zip(&meta.tensor_names)
+        .enumerate()
+    {
         if tensors.len() != names.len() {
-            return Err(corrupt(path, format!("layer {i} has {} tensors, its description lists {}", tensors.len(), names.len())));
+            return Err(corrupt(
+                path,
+                format!(
+                    "layer {i} has {} tensors, its description lists {}",
+                    tensors.len(),
+                    names.len()
+                ),
+            ));
         }
         // Back into the order the layer handed them out.
         let mut ordered = Vec::with_capacity(names.len());
@@ -125,7 +145,10 @@ pub fn load_flow<B: Backend>(path: &Path, b: &B) -> Result<(Flow<B>, ModelMeta)>
                 .ok_or_else(|| corrupt(path, format!("layer {i}: missing tensor '{name}'")))?;
             ordered.push(tensors.swap_remove(k));
         }
-        let state = LayerState { config: config.clone(), tensors: ordered };
+        let state = LayerState {
+            config: config.clone(),
+            tensors: ordered,
+        };
         let layer =
             layer_from_state(b, &state).map_err(|e| corrupt(path, format!("layer {i}: {e}")))?;
         layers.push(layer);
