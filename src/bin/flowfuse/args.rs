@@ -25,6 +25,8 @@ pub enum Command {
     Sample(SampleArgs),
     /// Print the version, the available backends, and whether a GPU is usable.
     Info,
+    /// Print how the kernels were compiled and each kernel's registers, shared memory and spills.
+    Kernels,
 }
 
 #[derive(Args, Debug)]

@@ -41,6 +41,10 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&report).expect("json"));
             Ok(())
         }
+        Command::Kernels => {
+            print!("{}", flowfuse::backend::cuda::images::REPORT);
+            Ok(())
+        }
         Command::Info => {
             println!("{}", serde_json::to_string_pretty(&info()).expect("json"));
             Ok(())
