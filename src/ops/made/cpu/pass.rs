@@ -49,7 +49,8 @@ macro_rules! simd_dispatch {
 
 /// The affine step of one coordinate across a chunk, with the soft clamp
 /// s = clamp·tanh(raw/clamp): y = g·e^s + b forward (eq. 18.19), (g − b)·e^−s inverse
-/// (eq. 18.18), where g is the given value. Writes s to `s_out` for the logdet.
+/// (eq. 18.18), where g is the given value (raw/clamp is taken as raw·(1/clamp), within an
+/// ulp). Writes s to `s_out` for the logdet.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn transform(
