@@ -229,8 +229,8 @@ fn transform_jacobians_are_triangular_in_the_input_order() {
 
 fn check_sequential_inverts_parallel<B: Backend>(b: &B) {
     let mut rng = Rng::new(3);
-    // 300 rows: more than one chunk of the CPU backend.
-    let rows = 300;
+    // 1100 rows: several chunks of the CPU backend, the last one partial.
+    let rows = 1100;
     for (case, (d, hidden, order, rule)) in cases().into_iter().enumerate() {
         let (spec, net) = random_made(d, &hidden, Activation::Relu, order, rule, 300 + case as u64);
         let u = Tensor::randn(rows, d, &mut rng);
@@ -734,6 +734,26 @@ fn check_errors<B: Backend>(b: &B) {
             run(b, &spec, &host, pass, &nan),
             Err(Error::NonFinite { row: 1, col: 2, .. })
         ));
+        // Deep inside a long batch too (not only in a short tail).
+        let mut big = Tensor::randn(300, 4, &mut Rng::new(13));
+        big.set(250, 1, f32::NAN);
+        assert!(matches!(
+            run(b, &spec, &host, pass, &big),
+            Err(Error::NonFinite {
+                row: 250,
+                col: 1,
+                ..
+            })
+        ));
+        big.set(250, 1, f32::NEG_INFINITY);
+        assert!(matches!(
+            run(b, &spec, &host, pass, &big),
+            Err(Error::NonFinite {
+                row: 250,
+                col: 1,
+                ..
+            })
+        ));
         let mut inf = x.clone();
         inf.set(0, 0, f32::INFINITY);
         assert!(matches!(
@@ -750,6 +770,26 @@ fn check_errors<B: Backend>(b: &B) {
             run(b, &spec, &host, pass, &Tensor::zeros(0, 4)),
             Err(Error::Empty(_))
         ));
+    }
+
+    // A result that overflows is an error, not a silent infinity: a wide clamp lets s reach
+    // ~120, and e^120 does not fit in f32.
+    let mut wide = spec.clone();
+    wide.clamp = 200.0;
+    let mut big_s = host.clone();
+    let last = big_s.layers.len() - 1;
+    big_s.layers[last].b.data_mut()[4..].fill(150.0);
+    for pass in [
+        Pass::Parallel(Direction::Forward),
+        Pass::Sequential(Direction::Forward),
+    ] {
+        assert!(
+            matches!(
+                run(b, &wide, &big_s, pass, &x),
+                Err(Error::NonFinite { .. })
+            ),
+            "{pass:?}: overflow"
+        );
     }
 
     // Uploaded degrees that disagree with the spec.

@@ -1,68 +1,157 @@
 //! The three passes over one chunk of rows: the one-pass transform, its backward, and the
-//! sequential transform. Buffers are feature-major (units × rows, degree order); the chunk's
-//! input and output are row-major in the data's column order.
+//! sequential transform. Buffers are feature-major (units × rows, degree order), so that a
+//! tile's rows, the prefix it reads, and one coordinate across the chunk are all contiguous;
+//! the chunk's input and output are row-major in the data's column order.
 
-use super::plan::{PackedLayer, Plan, Tile};
+use super::fastmath;
+use super::plan::{PackedLayer, Plan};
+use super::scratch::Scratch;
 use crate::backend::cpu::gemm::{View, matmul};
+use crate::nn::mlp::Activation;
 use crate::ops::Direction;
 
-/// s = clamp·tanh(raw/clamp) (the soft clamp) and t = tanh(raw/clamp), so ds/draw = 1 − t².
-#[inline]
-fn soft_clamp(raw: f32, clamp: f32) -> (f32, f32) {
-    let t = (raw / clamp).tanh();
-    (clamp * t, t)
+/// Calls `$imp` compiled for the widest vector instructions this CPU has. The crate is built
+/// for baseline x86-64, where the element-wise loops (transform, activations, transposes)
+/// would run 4 lanes wide; `$imp` and its helpers are `#[inline(always)]` so that they are
+/// compiled again inside each `#[target_feature]` copy. (The GEMM dispatches by itself.)
+macro_rules! simd_dispatch {
+    ($imp:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
+            fn v4($($arg: $ty),*) -> $ret {
+                $imp($($arg),*)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            fn v3($($arg: $ty),*) -> $ret {
+                $imp($($arg),*)
+            }
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: every feature `v4` is compiled for was detected on this CPU.
+                return unsafe { v4($($arg),*) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: every feature `v3` is compiled for was detected on this CPU.
+                return unsafe { v3($($arg),*) };
+            }
+        }
+        $imp($($arg),*)
+    }};
 }
 
-/// The affine step of one coordinate: x = g·e^s + b forward (eq. 18.19), z = (g − b)·e^−s
-/// inverse (eq. 18.18), where g is the given value.
-#[inline]
-fn affine(dir: Direction, g: f32, b: f32, s: f32) -> f32 {
-    match dir {
-        Direction::Forward => g * s.exp() + b,
-        Direction::Inverse => (g - b) * (-s).exp(),
-    }
-}
-
-/// The logdet contribution of one coordinate: +s forward, −s inverse.
-#[inline]
-fn signed(dir: Direction, s: f32) -> f64 {
-    match dir {
-        Direction::Forward => s as f64,
-        Direction::Inverse => -(s as f64),
-    }
-}
-
-/// Backward of `affine` plus the logdet term: from dL/d out (`go`) and dL/d logdet (`gl`) to
-/// (dL/dg through the affine step only, dL/db, dL/d raw).
-#[inline]
+/// The affine step of one coordinate across a chunk, with the soft clamp
+/// s = clamp·tanh(raw/clamp): y = g·e^s + b forward (eq. 18.19), (g − b)·e^−s inverse
+/// (eq. 18.18), where g is the given value (raw/clamp is taken as raw·(1/clamp), within an
+/// ulp). Writes s to `s_out` for the logdet.
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn affine_backward(
+fn transform(
     dir: Direction,
-    g: f32,
-    b: f32,
-    s: f32,
-    t: f32,
-    go: f32,
-    gl: f32,
-) -> (f32, f32, f32) {
-    let dsdraw = 1.0 - t * t;
+    clamp: f32,
+    g: &[f32],
+    b: &[f32],
+    raw: &[f32],
+    y: &mut [f32],
+    s_out: &mut [f32],
+) {
+    let inv = 1.0 / clamp;
+    let it = y
+        .iter_mut()
+        .zip(s_out.iter_mut())
+        .zip(g.iter().zip(b).zip(raw));
     match dir {
         Direction::Forward => {
-            let e = s.exp();
-            (go * e, go, (go * g * e + gl) * dsdraw)
+            for ((y, s_out), ((&g, &b), &raw)) in it {
+                let s = clamp * fastmath::tanh(raw * inv);
+                *y = g * fastmath::exp(s) + b;
+                *s_out = s;
+            }
         }
         Direction::Inverse => {
-            let e = (-s).exp();
-            let out = (g - b) * e;
-            (go * e, -go * e, (-go * out - gl) * dsdraw)
+            for ((y, s_out), ((&g, &b), &raw)) in it {
+                let s = clamp * fastmath::tanh(raw * inv);
+                *y = (g - b) * fastmath::exp(-s);
+                *s_out = s;
+            }
         }
     }
 }
 
-/// rows × D row-major in column order -> D × rows feature-major in degree order.
-fn to_degree_major(plan: &Plan, x: &[f32], rows: usize) -> Vec<f32> {
+/// Adds ±s of one coordinate to each row's logdet (f64, so the sum over D terms is exact
+/// enough for any D): +s forward, −s inverse.
+#[inline(always)]
+fn add_logdet(dir: Direction, s: &[f32], ld: &mut [f64]) {
+    let it = ld.iter_mut().zip(s);
+    match dir {
+        Direction::Forward => it.for_each(|(l, &s)| *l += s as f64),
+        Direction::Inverse => it.for_each(|(l, &s)| *l -= s as f64),
+    }
+}
+
+/// dL/d of one coordinate's inputs of `transform`, from dL/dy (`go`) and dL/d logdet (`gl`).
+struct TransformGrads<'a> {
+    /// dL/dg through the affine step only (the MADE path is added later).
+    dg: &'a mut [f32],
+    db: &'a mut [f32],
+    draw: &'a mut [f32],
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn transform_backward(
+    dir: Direction,
+    clamp: f32,
+    g: &[f32],
+    b: &[f32],
+    raw: &[f32],
+    go: &[f32],
+    gl: &[f32],
+    out: TransformGrads,
+) {
+    let inv = 1.0 / clamp;
+    let it = (out
+        .dg
+        .iter_mut()
+        .zip(out.db.iter_mut())
+        .zip(out.draw.iter_mut()))
+    .zip(g.iter().zip(b).zip(raw).zip(go.iter().zip(gl)));
+    // ds/draw = 1 − t² with t = tanh(raw/clamp).
+    match dir {
+        Direction::Forward => {
+            for (((dg, db), draw), (((&g, _), &raw), (&go, &gl))) in it {
+                let t = fastmath::tanh(raw * inv);
+                let e = fastmath::exp(clamp * t);
+                *dg = go * e;
+                *db = go;
+                *draw = (go * g * e + gl) * (1.0 - t * t);
+            }
+        }
+        Direction::Inverse => {
+            for (((dg, db), draw), (((&g, &b), &raw), (&go, &gl))) in it {
+                let t = fastmath::tanh(raw * inv);
+                let e = fastmath::exp(-clamp * t);
+                let z = (g - b) * e;
+                *dg = go * e;
+                *db = -go * e;
+                *draw = (-go * z - gl) * (1.0 - t * t);
+            }
+        }
+    }
+}
+
+/// rows × D row-major in column order -> D × rows in degree order.
+#[inline(always)]
+fn to_degree_major(plan: &Plan, x: &[f32], rows: usize) -> Scratch {
     let d = plan.dim;
-    let mut t = vec![0.0f32; d * rows];
+    let mut t = Scratch::new(d * rows);
     for (k, &col) in plan.order.iter().enumerate() {
         for (r, v) in t[k * rows..(k + 1) * rows].iter_mut().enumerate() {
             *v = x[r * d + col];
@@ -71,78 +160,108 @@ fn to_degree_major(plan: &Plan, x: &[f32], rows: usize) -> Vec<f32> {
     t
 }
 
-/// y[tile rows] += tile weights · input prefix.
-fn tile_forward(t: &Tile, input: &[f32], rows: usize, y: &mut [f32]) {
+/// D × rows in degree order -> rows × D row-major in column order.
+#[inline(always)]
+fn to_row_major(plan: &Plan, t: &[f32], rows: usize) -> Vec<f32> {
+    let d = plan.dim;
+    let mut x = vec![0.0f32; rows * d];
+    for (k, &col) in plan.order.iter().enumerate() {
+        for (r, &v) in t[k * rows..(k + 1) * rows].iter().enumerate() {
+            x[r * d + col] = v;
+        }
+    }
+    x
+}
+
+/// y[tile rows] = tile weights · input prefix (no bias). Tiles cover each output row once.
+#[inline(always)]
+fn tile_product(layer: &PackedLayer, tile: usize, input: &[f32], rows: usize, y: &mut [f32]) {
+    let t = &layer.tiles[tile];
+    let dst = &mut y[t.cols.start * rows..t.cols.end * rows];
     if t.prefix == 0 {
+        dst.fill(0.0);
         return;
     }
     matmul(
-        &mut y[t.cols.start * rows..t.cols.end * rows],
+        dst,
         View::new(&t.w, t.cols.len(), t.prefix),
         View::new(&input[..t.prefix * rows], t.prefix, rows),
-        true,
+        false,
     );
 }
 
-fn fill_bias(layer: &PackedLayer, cols: std::ops::Range<usize>, rows: usize, y: &mut [f32]) {
-    for c in cols {
-        y[c * rows..(c + 1) * rows].fill(layer.bias[c]);
+/// y = act(y + bias) over output units `units` (feature-major rows); `None` is linear.
+#[inline(always)]
+fn bias_act(
+    layer: &PackedLayer,
+    act: Option<Activation>,
+    units: std::ops::Range<usize>,
+    rows: usize,
+    y: &mut [f32],
+) {
+    let y = &mut y[units.start * rows..units.end * rows];
+    for (row, &b) in y.chunks_exact_mut(rows).zip(&layer.bias[units]) {
+        match act {
+            None => row.iter_mut().for_each(|v| *v += b),
+            Some(Activation::Relu) => row.iter_mut().for_each(|v| *v = (*v + b).max(0.0)),
+            Some(a) => row.iter_mut().for_each(|v| *v = a.apply(*v + b)),
+        }
     }
 }
 
-/// What the one-pass forward keeps for the backward (feature-major, degree order).
-struct Tape {
-    /// Pre-activations of each hidden layer.
-    pre: Vec<Vec<f32>>,
-    /// Activations of each hidden layer.
-    hidden: Vec<Vec<f32>>,
-    /// MADE output, 2D × rows: row 2k is b, row 2k + 1 raw s, of the input of degree k + 1.
-    out: Vec<f32>,
-}
-
-fn made_forward(plan: &Plan, xt: &[f32], rows: usize) -> Tape {
-    let n = plan.layers.len();
-    let mut tape = Tape {
-        pre: Vec::with_capacity(n - 1),
-        hidden: Vec::with_capacity(n - 1),
-        out: Vec::new(),
-    };
-    for (l, layer) in plan.layers.iter().enumerate() {
-        let input: &[f32] = if l == 0 { xt } else { &tape.hidden[l - 1] };
-        let mut y = vec![0.0f32; layer.out_width * rows];
-        fill_bias(layer, 0..layer.out_width, rows, &mut y);
-        for t in &layer.tiles {
-            tile_forward(t, input, rows, &mut y);
-        }
-        if l + 1 == n {
-            tape.out = y;
-        } else {
-            let h = y.iter().map(|&v| plan.act.apply(v)).collect();
-            tape.pre.push(y);
-            tape.hidden.push(h);
-        }
+/// The whole masked layer: y = act(W·input + bias).
+#[inline(always)]
+fn layer_forward(
+    layer: &PackedLayer,
+    act: Option<Activation>,
+    input: &[f32],
+    rows: usize,
+    y: &mut [f32],
+) {
+    // Bias and activation right after each tile, while its rows are still in cache.
+    for (i, t) in layer.tiles.iter().enumerate() {
+        tile_product(layer, i, input, rows, y);
+        bias_act(layer, act, t.cols.clone(), rows, y);
     }
-    tape
 }
 
 /// The one-pass transform of `rows` rows: returns the output (rows × D, column order) and
 /// the per-row logdet.
 pub fn parallel(plan: &Plan, dir: Direction, x: &[f32], rows: usize) -> (Vec<f32>, Vec<f32>) {
+    simd_dispatch!(parallel_impl(plan: &Plan, dir: Direction, x: &[f32], rows: usize) -> (Vec<f32>, Vec<f32>))
+}
+
+#[inline(always)]
+fn parallel_impl(plan: &Plan, dir: Direction, x: &[f32], rows: usize) -> (Vec<f32>, Vec<f32>) {
     let d = plan.dim;
+    let n = plan.layers.len();
     let xt = to_degree_major(plan, x, rows);
-    let tape = made_forward(plan, &xt, rows);
-    let mut y = vec![0.0f32; rows * d];
-    let mut ld = vec![0.0f64; rows];
-    for (k, &col) in plan.order.iter().enumerate() {
-        let b = &tape.out[2 * k * rows..(2 * k + 1) * rows];
-        let raw = &tape.out[(2 * k + 1) * rows..(2 * k + 2) * rows];
-        for r in 0..rows {
-            let (s, _) = soft_clamp(raw[r], plan.clamp);
-            y[r * d + col] = affine(dir, x[r * d + col], b[r], s);
-            ld[r] += signed(dir, s);
-        }
+    let width = plan.layers.iter().map(|l| l.out_width).max().unwrap_or(0);
+    let (mut a, mut b) = (Scratch::new(width * rows), Scratch::new(width * rows));
+    for (l, layer) in plan.layers.iter().enumerate() {
+        let act = (l + 1 < n).then_some(plan.act);
+        let input: &[f32] = if l == 0 { &xt } else { &a };
+        layer_forward(layer, act, input, rows, &mut b);
+        std::mem::swap(&mut a, &mut b);
     }
-    (y, ld.into_iter().map(|v| v as f32).collect())
+    // `a` holds the MADE output: row 2k is b, row 2k + 1 raw s, of the input of degree k + 1.
+    let mut yt = Scratch::new(d * rows);
+    let mut s = Scratch::new(rows);
+    let mut ld = vec![0.0f64; rows];
+    for k in 0..d {
+        let (g, o) = (
+            &xt[k * rows..(k + 1) * rows],
+            &a[2 * k * rows..(2 * k + 2) * rows],
+        );
+        let (bias, raw) = o.split_at(rows);
+        let y = &mut yt[k * rows..(k + 1) * rows];
+        transform(dir, plan.clamp, g, bias, raw, y, &mut s);
+        add_logdet(dir, &s, &mut ld);
+    }
+    (
+        to_row_major(plan, &yt, rows),
+        ld.into_iter().map(|v| v as f32).collect(),
+    )
 }
 
 /// Per-chunk parameter gradients: per layer, per tile (see `Tile::w`), and biases in degree
@@ -186,34 +305,76 @@ pub fn parallel_backward(
     d_logdet: &[f32],
     rows: usize,
 ) -> (Vec<f32>, ChunkGrads) {
+    simd_dispatch!(parallel_backward_impl(
+        plan: &Plan,
+        dir: Direction,
+        x: &[f32],
+        d_out: &[f32],
+        d_logdet: &[f32],
+        rows: usize
+    ) -> (Vec<f32>, ChunkGrads))
+}
+
+#[inline(always)]
+fn parallel_backward_impl(
+    plan: &Plan,
+    dir: Direction,
+    x: &[f32],
+    d_out: &[f32],
+    d_logdet: &[f32],
+    rows: usize,
+) -> (Vec<f32>, ChunkGrads) {
     let d = plan.dim;
+    let n = plan.layers.len();
     let xt = to_degree_major(plan, x, rows);
-    let tape = made_forward(plan, &xt, rows);
-    let mut grads = ChunkGrads::zeros(plan);
-    let mut dx = vec![0.0f32; rows * d];
-    // dL/d MADE output, feature-major, degree order.
-    let mut delta = vec![0.0f32; 2 * d * rows];
-    for (k, &col) in plan.order.iter().enumerate() {
-        for r in 0..rows {
-            let b = tape.out[2 * k * rows + r];
-            let (s, t) = soft_clamp(tape.out[(2 * k + 1) * rows + r], plan.clamp);
-            let i = r * d + col;
-            let (dg, db, draw) = affine_backward(dir, x[i], b, s, t, d_out[i], d_logdet[r]);
-            dx[i] = dg;
-            delta[2 * k * rows + r] = db;
-            delta[(2 * k + 1) * rows + r] = draw;
+    let go_t = to_degree_major(plan, d_out, rows);
+    // Forward, keeping pre-activations and activations of the hidden layers.
+    let mut pre: Vec<Scratch> = Vec::with_capacity(n - 1);
+    let mut hidden: Vec<Scratch> = Vec::with_capacity(n - 1);
+    let mut out = Scratch::new(2 * d * rows);
+    for (l, layer) in plan.layers.iter().enumerate() {
+        let input: &[f32] = if l == 0 { &xt } else { &hidden[l - 1] };
+        if l + 1 == n {
+            layer_forward(layer, None, input, rows, &mut out);
+        } else {
+            let mut p = Scratch::new(layer.out_width * rows);
+            layer_forward(layer, None, input, rows, &mut p);
+            let mut h = Scratch::new(layer.out_width * rows);
+            activate(plan.act, &p, &mut h);
+            pre.push(p);
+            hidden.push(h);
         }
     }
-    for l in (0..plan.layers.len()).rev() {
+    // dL/d MADE output (degree order) and the direct part of dL/dx.
+    let mut delta = Scratch::new(2 * d * rows);
+    let mut dxt = Scratch::new(d * rows);
+    for k in 0..d {
+        let row = k * rows..(k + 1) * rows;
+        let (bias, raw) = out[2 * k * rows..(2 * k + 2) * rows].split_at(rows);
+        let (db, draw) = delta[2 * k * rows..(2 * k + 2) * rows].split_at_mut(rows);
+        transform_backward(
+            dir,
+            plan.clamp,
+            &xt[row.clone()],
+            bias,
+            raw,
+            &go_t[row.clone()],
+            d_logdet,
+            TransformGrads {
+                dg: &mut dxt[row],
+                db,
+                draw,
+            },
+        );
+    }
+    let mut grads = ChunkGrads::zeros(plan);
+    for l in (0..n).rev() {
         let layer = &plan.layers[l];
-        let input: &[f32] = if l == 0 { &xt } else { &tape.hidden[l - 1] };
-        for (c, acc) in grads.bias[l].iter_mut().enumerate() {
-            *acc = delta[c * rows..(c + 1) * rows]
-                .iter()
-                .map(|&v| v as f64)
-                .sum();
+        let input: &[f32] = if l == 0 { &xt } else { &hidden[l - 1] };
+        for (acc, row) in grads.bias[l].iter_mut().zip(delta.chunks_exact(rows)) {
+            *acc = row.iter().map(|&v| v as f64).sum();
         }
-        let mut d_in = vec![0.0f32; layer.in_width * rows];
+        let mut d_in = Scratch::zeroed(layer.in_width * rows);
         for (t, gw) in layer.tiles.iter().zip(grads.tiles[l].iter_mut()) {
             if t.prefix == 0 {
                 continue;
@@ -225,7 +386,7 @@ pub fn parallel_backward(
                 gw,
                 View::new(delta_t, m, rows),
                 View::new(&input[..t.prefix * rows], t.prefix, rows).t(),
-                true,
+                false,
             );
             // d input prefix += W_tileᵀ · Δ_tile.
             matmul(
@@ -236,19 +397,32 @@ pub fn parallel_backward(
             );
         }
         if l > 0 {
-            for (g, &z) in d_in.iter_mut().zip(&tape.pre[l - 1]) {
-                *g *= plan.act.grad(z);
-            }
+            mul_act_grad(plan.act, &pre[l - 1], &mut d_in);
             delta = d_in;
         } else {
-            for (k, &col) in plan.order.iter().enumerate() {
-                for r in 0..rows {
-                    dx[r * d + col] += d_in[k * rows + r];
-                }
-            }
+            dxt.iter_mut().zip(d_in.iter()).for_each(|(a, b)| *a += b);
         }
     }
-    (dx, grads)
+    (to_row_major(plan, &dxt, rows), grads)
+}
+
+#[inline(always)]
+fn activate(act: Activation, pre: &[f32], out: &mut [f32]) {
+    let it = out.iter_mut().zip(pre);
+    match act {
+        Activation::Relu => it.for_each(|(h, &p)| *h = p.max(0.0)),
+        a => it.for_each(|(h, &p)| *h = a.apply(p)),
+    }
+}
+
+/// d ← d ⊙ act'(pre).
+#[inline(always)]
+fn mul_act_grad(act: Activation, pre: &[f32], d: &mut [f32]) {
+    let it = d.iter_mut().zip(pre);
+    match act {
+        Activation::Relu => it.for_each(|(g, &p)| *g = if p > 0.0 { *g } else { 0.0 }),
+        a => it.for_each(|(g, &p)| *g *= a.grad(p)),
+    }
 }
 
 /// The sequential transform of one chunk, with `plan` tiled by degree.
@@ -266,53 +440,71 @@ pub fn parallel_backward(
 /// costs one masked pass (plus D small GEMMs per layer instead of a few large ones), not D
 /// full passes.
 pub fn sequential(plan: &Plan, dir: Direction, x: &[f32], rows: usize) -> (Vec<f32>, Vec<f32>) {
+    simd_dispatch!(sequential_impl(plan: &Plan, dir: Direction, x: &[f32], rows: usize) -> (Vec<f32>, Vec<f32>))
+}
+
+#[inline(always)]
+fn sequential_impl(plan: &Plan, dir: Direction, x: &[f32], rows: usize) -> (Vec<f32>, Vec<f32>) {
     let d = plan.dim;
     let n = plan.layers.len();
     let (hidden_layers, out_layer) = plan.layers.split_at(n - 1);
     let out_layer = &out_layer[0];
+    let xt = to_degree_major(plan, x, rows);
     // The MADE input, feature-major in degree order, filled one degree at a time.
-    let mut ut = vec![0.0f32; d * rows];
-    let mut hidden: Vec<Vec<f32>> = hidden_layers
+    let mut ut = Scratch::new(d * rows);
+    let mut hidden: Vec<Scratch> = hidden_layers
         .iter()
-        .map(|l| vec![0.0f32; l.out_width * rows])
+        .map(|l| Scratch::new(l.out_width * rows))
         .collect();
-    let mut o = vec![0.0f32; out_layer.out_width * rows];
-    let mut y = vec![0.0f32; rows * d];
+    let mut o = Scratch::new(out_layer.out_width * rows);
+    let mut s = Scratch::new(rows);
     let mut ld = vec![0.0f64; rows];
     for k in 1..=d {
         // 1. outputs of degree k.
         if let Some(ti) = out_layer.by_degree[k] {
-            let t = &out_layer.tiles[ti];
-            fill_bias(out_layer, t.cols.clone(), rows, &mut o);
-            let src: &[f32] = hidden.last().unwrap_or(&ut);
-            tile_forward(t, src, rows, &mut o);
+            let src: &[f32] = hidden.last().map_or(&ut, |h| h);
+            tile_product(out_layer, ti, src, rows, &mut o);
+            bias_act(
+                out_layer,
+                None,
+                out_layer.tiles[ti].cols.clone(),
+                rows,
+                &mut o,
+            );
         }
         // 2. the input of degree k.
-        let col = plan.order[k - 1];
-        let (pos_b, pos_s) = (2 * (k - 1), 2 * (k - 1) + 1);
-        for r in 0..rows {
-            let b = o[pos_b * rows + r];
-            let (s, _) = soft_clamp(o[pos_s * rows + r], plan.clamp);
-            let u = affine(dir, x[r * d + col], b, s);
-            ut[(k - 1) * rows + r] = u;
-            y[r * d + col] = u;
-            ld[r] += signed(dir, s);
-        }
+        let row = (k - 1) * rows..k * rows;
+        let (bias, raw) = o[2 * (k - 1) * rows..2 * k * rows].split_at(rows);
+        transform(
+            dir,
+            plan.clamp,
+            &xt[row.clone()],
+            bias,
+            raw,
+            &mut ut[row],
+            &mut s,
+        );
+        add_logdet(dir, &s, &mut ld);
         // 3. hidden units of degree k, layer by layer.
         for (l, layer) in hidden_layers.iter().enumerate() {
             let Some(ti) = layer.by_degree[k] else {
                 continue;
             };
-            let t = &layer.tiles[ti];
             let (before, rest) = hidden.split_at_mut(l);
             let src: &[f32] = if l == 0 { &ut } else { &before[l - 1] };
             let dst = &mut rest[0];
-            fill_bias(layer, t.cols.clone(), rows, dst);
-            tile_forward(t, src, rows, dst);
-            for v in &mut dst[t.cols.start * rows..t.cols.end * rows] {
-                *v = plan.act.apply(*v);
-            }
+            tile_product(layer, ti, src, rows, dst);
+            bias_act(
+                layer,
+                Some(plan.act),
+                layer.tiles[ti].cols.clone(),
+                rows,
+                dst,
+            );
         }
     }
-    (y, ld.into_iter().map(|v| v as f32).collect())
+    (
+        to_row_major(plan, &ut, rows),
+        ld.into_iter().map(|v| v as f32).collect(),
+    )
 }
