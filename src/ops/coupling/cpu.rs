@@ -9,7 +9,6 @@
 
 mod affine;
 mod spline;
-mod vmath;
 
 use std::ops::Range;
 

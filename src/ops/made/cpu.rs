@@ -2,7 +2,6 @@
 //! order, so each pass multiplies only the blocks a unit can see (`plan`), one GEMM per tile,
 //! with threads over chunks of the batch (`pass`).
 
-mod fastmath;
 mod pass;
 mod plan;
 mod scratch;

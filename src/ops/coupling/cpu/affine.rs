@@ -10,7 +10,7 @@
 
 use std::ops::Range;
 
-use super::vmath;
+use crate::backend::cpu::vmath;
 use crate::ops::Direction;
 
 /// Where a block's pieces are: each row's conditioner output is `p` wide in `params`, rows are

@@ -3,10 +3,10 @@
 //! tile's rows, the prefix it reads, and one coordinate across the chunk are all contiguous;
 //! the chunk's input and output are row-major in the data's column order.
 
-use super::fastmath;
 use super::plan::{PackedLayer, Plan};
 use super::scratch::Scratch;
 use crate::backend::cpu::gemm::{View, matmul};
+use crate::backend::cpu::vmath;
 use crate::nn::mlp::Activation;
 use crate::ops::Direction;
 
@@ -70,15 +70,15 @@ fn transform(
     match dir {
         Direction::Forward => {
             for ((y, s_out), ((&g, &b), &raw)) in it {
-                let s = clamp * fastmath::tanh(raw * inv);
-                *y = g * fastmath::exp(s) + b;
+                let s = clamp * vmath::tanh(raw * inv);
+                *y = g * vmath::exp(s) + b;
                 *s_out = s;
             }
         }
         Direction::Inverse => {
             for ((y, s_out), ((&g, &b), &raw)) in it {
-                let s = clamp * fastmath::tanh(raw * inv);
-                *y = (g - b) * fastmath::exp(-s);
+                let s = clamp * vmath::tanh(raw * inv);
+                *y = (g - b) * vmath::exp(-s);
                 *s_out = s;
             }
         }
@@ -127,8 +127,8 @@ fn transform_backward(
     match dir {
         Direction::Forward => {
             for (((dg, db), draw), (((&g, _), &raw), (&go, &gl))) in it {
-                let t = fastmath::tanh(raw * inv);
-                let e = fastmath::exp(clamp * t);
+                let t = vmath::tanh(raw * inv);
+                let e = vmath::exp(clamp * t);
                 *dg = go * e;
                 *db = go;
                 *draw = (go * g * e + gl) * (1.0 - t * t);
@@ -136,8 +136,8 @@ fn transform_backward(
         }
         Direction::Inverse => {
             for (((dg, db), draw), (((&g, &b), &raw), (&go, &gl))) in it {
-                let t = fastmath::tanh(raw * inv);
-                let e = fastmath::exp(-clamp * t);
+                let t = vmath::tanh(raw * inv);
+                let e = vmath::exp(-clamp * t);
                 let z = (g - b) * e;
                 *dg = go * e;
                 *db = -go * e;

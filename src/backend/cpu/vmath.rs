@@ -1,4 +1,4 @@
-//! exp and tanh written so that a loop over them vectorises. The libm functions are calls, so a
+//! exp and tanh written so that a loop over them vectorises (shared by the CPU reference ops).
 //! loop over them runs one element at a time; in the affine coupling they cost more than the
 //! conditioner's GEMMs. These are branch-free (selects only) and inline.
 //!
