@@ -89,7 +89,17 @@ pub struct LoadedFamily {
     pub image: &'static str,
 }
 
+/// What the device can do at most, from its attributes: the yardsticks of the bench command.
+#[derive(Clone, Copy, Debug)]
+pub struct Peaks {
+    pub fp32_tflops: f64,
+    /// Dense bf16 tensor-core throughput (f32 accumulation).
+    pub bf16_tflops: f64,
+    pub memory_gbs: f64,
+}
+
 pub struct CudaGrid {
+    peaks: Peaks,
     _ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: Vec<(LoadedFamily, Arc<CudaModule>)>,
@@ -136,7 +146,9 @@ impl Cuda {
             ));
         }
         let description = format!("cuda:{ordinal} ({name}, sm_{major}{minor})");
+        let peaks = peaks(&ctx, major)?;
         Ok(Grid::with_device(CudaGrid {
+            peaks,
             _ctx: ctx,
             stream,
             modules,
@@ -146,7 +158,29 @@ impl Cuda {
     }
 }
 
+/// Peak rates from the SM count, clocks and bus width. Per SM and clock: 128 FP32 FMA lanes
+/// (256 flops) on sm_80/sm_90; dense bf16 mma 2048 flops (sm_80) or 4096 (sm_90).
+fn peaks(ctx: &Arc<CudaContext>, major: i32) -> Result<Peaks> {
+    use cudarc::driver::sys::CUdevice_attribute_enum as A;
+    let attr = |a| ctx.attribute(a).map(|v| v as f64).map_err(|e| driver_err("device attribute", e));
+    let sms = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+    let clock_hz = attr(A::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)? * 1e3;
+    let mem_hz = attr(A::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)? * 1e3;
+    let bus_bytes = attr(A::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)? / 8.0;
+    let mma_per_clock = if major >= 9 { 4096.0 } else { 2048.0 };
+    Ok(Peaks {
+        fp32_tflops: sms * clock_hz * 256.0 / 1e12,
+        bf16_tflops: sms * clock_hz * mma_per_clock / 1e12,
+        // Double data rate.
+        memory_gbs: 2.0 * mem_hz * bus_bytes / 1e9,
+    })
+}
+
 impl CudaGrid {
+    pub fn peaks(&self) -> Peaks {
+        self.peaks
+    }
+
     /// Which image each kernel family was loaded from.
     pub fn loaded(&self) -> Vec<LoadedFamily> {
         self.modules.iter().map(|(l, _)| l.clone()).collect()
