@@ -14,6 +14,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use super::grid::{Grid, GridDevice, KArg, LaunchCfg};
+use crate::backend::Peaks;
 use crate::error::{Error, Result};
 
 /// The CUDA backend.
@@ -87,15 +88,6 @@ fn driver_err(op: &str, e: DriverError) -> Error {
 pub struct LoadedFamily {
     pub name: &'static str,
     pub image: &'static str,
-}
-
-/// What the device can do at most, from its attributes: the yardsticks of the bench command.
-#[derive(Clone, Copy, Debug)]
-pub struct Peaks {
-    pub fp32_tflops: f64,
-    /// Dense bf16 tensor-core throughput (f32 accumulation).
-    pub bf16_tflops: f64,
-    pub memory_gbs: f64,
 }
 
 pub struct CudaGrid {
@@ -177,10 +169,6 @@ fn peaks(ctx: &Arc<CudaContext>, major: i32) -> Result<Peaks> {
 }
 
 impl CudaGrid {
-    pub fn peaks(&self) -> Peaks {
-        self.peaks
-    }
-
     /// Which image each kernel family was loaded from.
     pub fn loaded(&self) -> Vec<LoadedFamily> {
         self.modules.iter().map(|(l, _)| l.clone()).collect()
@@ -342,5 +330,9 @@ impl GridDevice for CudaGrid {
         self.stream
             .synchronize()
             .map_err(|e| driver_err("synchronize", e))
+    }
+
+    fn peaks(&self) -> Option<Peaks> {
+        Some(self.peaks)
     }
 }

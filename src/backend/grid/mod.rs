@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::backend::Device;
+use crate::backend::{Device, Peaks};
 use crate::error::{Error, Result};
 use crate::tensor::{Shaped, Tensor};
 
@@ -85,6 +85,10 @@ pub trait GridDevice: Send + Sync + 'static {
         args: &[KArg<'_, Self::Buf>],
     ) -> Result<()>;
     fn synchronize(&self) -> Result<()>;
+    /// Peak rates, where the device knows them.
+    fn peaks(&self) -> Option<Peaks> {
+        None
+    }
 }
 
 /// A row-major f32 matrix in device memory. Clones share the buffer (ops never write their
@@ -271,5 +275,9 @@ impl<G: GridDevice> Device for Grid<G> {
 
     fn synchronize(&self) -> Result<()> {
         self.dev.synchronize()
+    }
+
+    fn peaks(&self) -> Option<Peaks> {
+        self.dev.peaks()
     }
 }
