@@ -154,7 +154,11 @@ impl Cuda {
 /// (256 flops) on sm_80/sm_90; dense bf16 mma 2048 flops (sm_80) or 4096 (sm_90).
 fn peaks(ctx: &Arc<CudaContext>, major: i32) -> Result<Peaks> {
     use cudarc::driver::sys::CUdevice_attribute_enum as A;
-    let attr = |a| ctx.attribute(a).map(|v| v as f64).map_err(|e| driver_err("device attribute", e));
+    let attr = |a| {
+        ctx.attribute(a)
+            .map(|v| v as f64)
+            .map_err(|e| driver_err("device attribute", e))
+    };
     let sms = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
     let clock_hz = attr(A::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)? * 1e3;
     let mem_hz = attr(A::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)? * 1e3;

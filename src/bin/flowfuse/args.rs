@@ -25,6 +25,8 @@ pub enum Command {
     Sample(SampleArgs),
     /// Print the version, the available backends, and whether a GPU is usable.
     Info,
+    /// Time every op family on a device; one JSON line per case, with fractions of the peak.
+    Bench(BenchArgs),
     /// Print how the kernels were compiled and each kernel's registers, shared memory and spills.
     Kernels,
 }
@@ -127,4 +129,16 @@ pub struct SampleArgs {
     pub seed: u64,
     #[arg(long, default_value = "auto")]
     pub device: String,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Shorter timing per case.
+    #[arg(long)]
+    pub quick: bool,
+    /// Rows of the large batches (default: 2^20 on a GPU, 4096 on the CPU).
+    #[arg(long)]
+    pub batch: Option<usize>,
 }

@@ -2,6 +2,7 @@
 //! what this machine can run. Errors are one line on stderr and a non-zero exit status.
 
 mod args;
+mod bench;
 mod device;
 mod figures;
 mod run;

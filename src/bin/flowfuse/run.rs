@@ -7,7 +7,8 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use crate::args::{Cli, Command, EvalArgs, SampleArgs, TrainArgs};
+use crate::args::{BenchArgs, Cli, Command, EvalArgs, SampleArgs, TrainArgs};
+use crate::bench::{Sizes, run_suite};
 use crate::device::{OnBackend, dispatch};
 use crate::figures::flow_figures;
 use flowfuse::backend::cuda;
@@ -39,6 +40,13 @@ pub fn run(cli: Cli) -> Result<()> {
             let device = a.device.clone();
             let report = dispatch(&device, SampleJob(a))?;
             println!("{}", serde_json::to_string(&report).expect("json"));
+            Ok(())
+        }
+        Command::Bench(a) => {
+            let device = a.device.clone();
+            for line in dispatch(&device, BenchJob(a))? {
+                println!("{line}");
+            }
             Ok(())
         }
         Command::Kernels => {
@@ -270,5 +278,19 @@ fn output_writer(path: &Path) -> Result<Writer> {
             "--out must end in .npy or .csv, got {}",
             path.display()
         ))),
+    }
+}
+
+struct BenchJob(BenchArgs);
+
+impl OnBackend for BenchJob {
+    type Out = Vec<Value>;
+
+    fn run<B: Backend>(self, b: &B) -> Result<Vec<Value>> {
+        let mut sizes = Sizes::for_device(b.peaks().is_some(), self.0.quick);
+        if let Some(n) = self.0.batch {
+            sizes.batch = n.max(1);
+        }
+        run_suite(b, "f32", sizes)
     }
 }
