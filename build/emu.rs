@@ -678,12 +678,12 @@ fn find_kernels(src: &str, file: &Path) -> Vec<Kernel> {
             stmt_start = i + 1;
         } else if is_punct(t, ';') {
             stmt_start = i + 1;
-        } else if is_ident(t, "ffemu_global") && !scopes.iter().any(|s| matches!(s, Scope::Other)) {
-            if let Some(k) = kernel_at(&toks, &scopes, stmt_start, i, file) {
-                if !found.iter().any(|f| f.name == k.name) {
-                    found.push(k);
-                }
-            }
+        } else if is_ident(t, "ffemu_global")
+            && !scopes.iter().any(|s| matches!(s, Scope::Other))
+            && let Some(k) = kernel_at(&toks, &scopes, stmt_start, i, file)
+            && !found.iter().any(|f| f.name == k.name)
+        {
+            found.push(k);
         }
         i += 1;
     }
@@ -749,13 +749,14 @@ fn kernel_at(
     // one string literal; macros in it expand when the wrapper evaluates it in the same TU.
     let mut max_threads = None;
     for p in stmt_start..name_at.saturating_sub(2) {
-        if is_ident(&toks[p], "ffemu_launch_bounds") && is_punct(&toks[p + 1], '(') {
-            if let Tok::Str(lit) = &toks[p + 2].tok {
-                let text = unquote(lit);
-                let first = first_argument(&text).trim().to_string();
-                if !first.is_empty() {
-                    max_threads = Some(first);
-                }
+        if is_ident(&toks[p], "ffemu_launch_bounds")
+            && is_punct(&toks[p + 1], '(')
+            && let Tok::Str(lit) = &toks[p + 2].tok
+        {
+            let text = unquote(lit);
+            let first = first_argument(&text).trim().to_string();
+            if !first.is_empty() {
+                max_threads = Some(first);
             }
         }
     }

@@ -71,7 +71,7 @@ impl<B: Backend> CouplingLayer<B> {
         };
         spec.check_spec("coupling layer state")?;
         let n = state.tensors.len();
-        if n == 0 || n % 2 != 0 {
+        if n == 0 || !n.is_multiple_of(2) {
             return Err(Error::invalid(format!(
                 "coupling layer state: expected an even, non-zero number of tensors (w0, b0, ...), got {n}"
             )));
