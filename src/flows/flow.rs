@@ -74,15 +74,19 @@ impl<B: Backend> Flow<B> {
             Direction::Forward => layer.forward(b, x),
             Direction::Inverse => layer.inverse(b, x),
         };
-        let mut step = |layer: &Box<dyn FlowLayer<B>>| -> Result<()> {
-            let (y, ld) = apply(layer.as_ref(), out.as_ref().unwrap_or(input))?;
+        let mut step = |layer: &dyn FlowLayer<B>| -> Result<()> {
+            let (y, ld) = apply(layer, out.as_ref().unwrap_or(input))?;
             total = b.axpby(1.0, &total, 1.0, &ld)?;
             out = Some(y);
             Ok(())
         };
         match dir {
-            Direction::Forward => self.layers.iter().try_for_each(&mut step)?,
-            Direction::Inverse => self.layers.iter().rev().try_for_each(&mut step)?,
+            Direction::Forward => self.layers.iter().try_for_each(|l| step(l.as_ref()))?,
+            Direction::Inverse => self
+                .layers
+                .iter()
+                .rev()
+                .try_for_each(|l| step(l.as_ref()))?,
         }
         Ok((out.unwrap_or_else(|| input.clone()), total))
     }

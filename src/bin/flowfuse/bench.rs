@@ -95,7 +95,7 @@ pub fn run_suite<B: Backend>(b: &B, precision: &str, sizes: Sizes) -> Result<Vec
     // Coupling layer: D = 64, hidden 256 (the GPU target's shape) and D = 2, hidden 64.
     for (d, h) in [(64usize, 256usize), (2, 64)] {
         let rows = if d == 2 {
-            sizes.batch.min(1 << 16).max(4096)
+            sizes.batch.clamp(4096, 1 << 16)
         } else {
             sizes.batch
         };
