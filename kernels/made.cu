@@ -342,7 +342,7 @@ FF_DEVICE void made_gemm_f32(const MadeGemm& p, MadeF32Smem& sm) {
 
     float ra[8], rb[4];
     float bias_sum = 0.0f;
-    unsigned long long done = 0;
+    int done = 0;
     if (steps > 0) {
         made_f32_load_a<MODE>(p, m0, r_first, ra);
         made_f32_load_b<MODE>(p, n0, r_first, col_deg, own_deg, rb, &bias_sum);
@@ -380,7 +380,7 @@ FF_DEVICE void made_gemm_f32(const MadeGemm& p, MadeF32Smem& sm) {
     }
 
     if (p.counter && lane == 0 && done > 0)
-        atomicAdd(p.counter, done * (unsigned long long)(MADE_BM * MADE_F32_WARP_N * MADE_F32_BK));
+        atomicAdd(p.counter, (unsigned long long)done * (unsigned long long)(MADE_BM * MADE_F32_WARP_N * MADE_F32_BK));
     if (MODE == MADE_DW) {
         if (bias_block) made_bias_partial(p, sm.cols, t >> 6, t & 63, bias_sum);
         if (whi < wlo) return;  // a dead sub-tile: its partials are never read
@@ -553,7 +553,7 @@ FF_DEVICE void made_gemm_bf16(const MadeGemm& p, MadeBf16Smem& sm) {
 
     float ra[16], rb[8];
     float bias_sum = 0.0f;
-    unsigned long long done = 0;
+    int done = 0;
     if (steps > 0) {
         made_bf16_load_a<MODE>(p, m0, r_first, ra);
         made_bf16_load_b<MODE>(p, n0, r_first, col_deg, own_deg, rb, &bias_sum);
@@ -601,7 +601,7 @@ FF_DEVICE void made_gemm_bf16(const MadeGemm& p, MadeBf16Smem& sm) {
     }
 
     if (p.counter && lane == 0 && done > 0)
-        atomicAdd(p.counter, done * (unsigned long long)(MADE_BF16_WARP_M * MADE_BF16_WARP_N * 16));
+        atomicAdd(p.counter, (unsigned long long)done * (unsigned long long)(MADE_BF16_WARP_M * MADE_BF16_WARP_N * 16));
     if (MODE == MADE_DW) {
         if (bias_block) made_bias_partial(p, sm.cols, lane >> 3, warp * 8 + (lane & 7), bias_sum);
         if (whi < wlo) return;

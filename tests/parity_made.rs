@@ -151,7 +151,7 @@ fn assert_within(what: &str, got: &Tensor, want: &[f64], bound: &[f64]) {
     let mut bad = Vec::new();
     for (i, ((&g, &w), &b)) in got.data().iter().zip(want).zip(bound).enumerate() {
         let err = (g as f64 - w).abs();
-        if !(err <= b + 1e-5 * (1.0 + w.abs())) {
+        if err.is_nan() || err > b + 1e-5 * (1.0 + w.abs()) {
             bad.push(format!(
                 "  [{i}] got {g:e} want {w:e} |diff| {err:.3e} bound {b:.3e}"
             ));
@@ -397,9 +397,9 @@ fn check_gemm_backward<G: GridDevice>(g: &Grid<G>) {
         }
 
         // dW (masked) and db, with the input activation applied.
-        let in_act = Some(Activation::Softplus);
+        let in_act = Activation::Softplus;
         let (dw, db) = g
-            .made_linear_dw(dev.layer(), &xd, in_act, &dyd, None)
+            .made_linear_dw(dev.layer(), &xd, Some(in_act), &dyd, None)
             .unwrap();
         let (dw, db) = (g.download(&dw).unwrap(), g.download(&db).unwrap());
         let mut want_w = vec![0.0f64; k * n];
@@ -412,7 +412,7 @@ fn check_gemm_backward<G: GridDevice>(g: &Grid<G>) {
                 mag_b[c] += dy.get(r, c).abs() as f64;
             }
             for a in 0..k {
-                let xv = in_act.unwrap().apply(x.get(r, a)) as f64;
+                let xv = in_act.apply(x.get(r, a)) as f64;
                 for c in 0..n {
                     if h.live(a, c) {
                         let t = xv * dy.get(r, c) as f64;
@@ -726,11 +726,81 @@ fn check_sequential<G: GridDevice>(g: &Grid<G>) {
     }
 }
 
+/// Layers wide enough that the sequential kernel keeps fewer rows per block (16, then 8) in
+/// shared memory, and one too wide for any block (a typed error).
+fn check_sequential_wide<G: GridDevice>(g: &Grid<G>) {
+    let cpu = Cpu;
+    let mut rng = Rng::new(25);
+    let cases: [Case; 2] = [
+        (
+            5,
+            vec![900, 900],
+            Order::Random(4),
+            HiddenDegrees::Cycle,
+            Activation::Relu,
+            37,
+        ),
+        (
+            3,
+            vec![1200, 1200, 1200],
+            Order::Reversed,
+            HiddenDegrees::Random(6),
+            Activation::Tanh,
+            19,
+        ),
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let (spec, net) = random_made(case, 400 + i as u64);
+        let dev = on_device(g, &spec, &net);
+        let x = Tensor::randn(case.5, case.0, &mut rng);
+        let xd = g.upload(&x).unwrap();
+        for dir in [Direction::Forward, Direction::Inverse] {
+            let (y, ld) = g
+                .ar_sequential(&spec, &dev.net, &dev.deg, &xd, dir)
+                .unwrap();
+            let (yr, ldr) = cpu
+                .ar_sequential(&spec, &net, &spec.degrees, &x, dir)
+                .unwrap();
+            let what = format!("ar_sequential wide case {i} {dir:?}");
+            assert_close(
+                &format!("{what} output"),
+                &g.download(&y).unwrap(),
+                &yr,
+                F32_TOL,
+                F32_TOL,
+            );
+            assert_close(
+                &format!("{what} logdet"),
+                &g.download(&ld).unwrap(),
+                &ldr,
+                F32_TOL,
+                F32_TOL,
+            );
+        }
+    }
+    let too_wide: Case = (
+        2,
+        vec![60_000],
+        Order::Natural,
+        HiddenDegrees::Cycle,
+        Activation::Relu,
+        3,
+    );
+    let (spec, net) = random_made(&too_wide, 7);
+    let dev = on_device(g, &spec, &net);
+    let xd = g.upload(&Tensor::randn(3, 2, &mut rng)).unwrap();
+    assert!(matches!(
+        g.ar_sequential(&spec, &dev.net, &dev.deg, &xd, Direction::Forward),
+        Err(Error::Unsupported { .. })
+    ));
+}
+
 on_grid_backends!(parallel_f32, super::check_parallel);
 on_grid_backends_bf16!(parallel_bf16, super::check_parallel);
 on_grid_backends!(parallel_backward_f32, super::check_parallel_backward);
 on_grid_backends_bf16!(parallel_backward_bf16, super::check_parallel_backward);
 on_grid_backends!(sequential, super::check_sequential);
+on_grid_backends!(sequential_wide, super::check_sequential_wide);
 
 /// Typed errors: bad shapes, an empty batch, missing degree vectors, and networks too deep for
 /// the sequential kernel (which the parallel pass still handles).
