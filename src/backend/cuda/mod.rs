@@ -95,7 +95,9 @@ pub struct CudaGrid {
     _ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: Vec<(LoadedFamily, Arc<CudaModule>)>,
-    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    /// Loaded functions, and whether each has opted in to more than 48 KiB of dynamic shared
+    /// memory (a launch that needs more may come after a smaller one).
+    functions: Mutex<HashMap<&'static str, (CudaFunction, bool)>>,
     description: String,
 }
 
@@ -183,23 +185,31 @@ impl CudaGrid {
             op: "kernel cache".into(),
             reason: "poisoned lock".into(),
         })?;
-        if let Some(f) = cache.get(name) {
-            return Ok(f.clone());
-        }
-        let f = self
-            .modules
-            .iter()
-            .find_map(|(_, m)| m.load_function(name).ok())
-            .ok_or_else(|| Error::NoKernelImage(format!("kernel {name} is in no loaded module")))?;
-        if smem > DEFAULT_SMEM_LIMIT {
+        let (f, opted_in) = match cache.get(name) {
+            Some(entry) => entry.clone(),
+            None => {
+                let f = self
+                    .modules
+                    .iter()
+                    .find_map(|(_, m)| m.load_function(name).ok())
+                    .ok_or_else(|| {
+                        Error::NoKernelImage(format!("kernel {name} is in no loaded module"))
+                    })?;
+                (f, false)
+            }
+        };
+        let opted_in = if smem > DEFAULT_SMEM_LIMIT && !opted_in {
             // Large tiles opt in to the full shared memory of the SM (227 KiB on Hopper).
             f.set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 227 * 1024,
             )
             .map_err(|e| driver_err(name, e))?;
-        }
-        cache.insert(name, f.clone());
+            true
+        } else {
+            opted_in
+        };
+        cache.insert(name, (f.clone(), opted_in));
         Ok(f)
     }
 }

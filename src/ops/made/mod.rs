@@ -6,6 +6,7 @@
 //! sorted by degree, so every mask is block-triangular and kernels can skip all-zero tiles.
 
 pub mod cpu;
+pub mod cuda;
 
 use serde::{Deserialize, Serialize};
 
