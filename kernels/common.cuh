@@ -21,6 +21,14 @@
 
 FF_DEVICE float ff_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+// tanh without tanh.approx.f32, which --use_fast_math substitutes for tanhf (relative error
+// about 2^-11, enough to move a log-det by 1e-3 per coordinate): 1 - 2/(e^{2|x|} + 1) with the
+// sign restored, absolute error ~1e-7. Every tanh in the kernels goes through this.
+FF_DEVICE float ff_tanh(float x) {
+    const float e = expf(2.0f * fabsf(x));
+    return copysignf(1.0f - 2.0f / (e + 1.0f), x);
+}
+
 FF_DEVICE float ff_softplus(float x) {
     return x > 20.0f ? x : (x < -20.0f ? expf(x) : log1pf(expf(x)));
 }
@@ -28,7 +36,7 @@ FF_DEVICE float ff_softplus(float x) {
 FF_DEVICE float ff_act(int code, float x) {
     switch (code) {
         case 0: return fmaxf(x, 0.0f);
-        case 1: return tanhf(x);
+        case 1: return ff_tanh(x);
         case 2: return x * ff_sigmoid(x);
         default: return ff_softplus(x);
     }
@@ -38,7 +46,7 @@ FF_DEVICE float ff_act(int code, float x) {
 FF_DEVICE float ff_act_grad(int code, float x) {
     switch (code) {
         case 0: return x > 0.0f ? 1.0f : 0.0f;
-        case 1: { float t = tanhf(x); return 1.0f - t * t; }
+        case 1: { float t = ff_tanh(x); return 1.0f - t * t; }
         case 2: { float s = ff_sigmoid(x); return s * (1.0f + x * (1.0f - s)); }
         default: return ff_sigmoid(x);
     }
@@ -48,7 +56,7 @@ FF_DEVICE float ff_act_grad(int code, float x) {
 FF_DEVICE float ff_act_grad2(int code, float x) {
     switch (code) {
         case 0: return 0.0f;
-        case 1: { float t = tanhf(x); return -2.0f * t * (1.0f - t * t); }
+        case 1: { float t = ff_tanh(x); return -2.0f * t * (1.0f - t * t); }
         case 2: { float s = ff_sigmoid(x); return s * (1.0f - s) * (2.0f + x * (1.0f - 2.0f * s)); }
         default: { float s = ff_sigmoid(x); return s * (1.0f - s); }
     }
@@ -58,7 +66,7 @@ FF_DEVICE float ff_act_grad2(int code, float x) {
 FF_DEVICE float ff_act_grad3(int code, float x) {
     switch (code) {
         case 0: return 0.0f;
-        case 1: { float t = tanhf(x); float d = 1.0f - t * t; return -2.0f * d * (d - 2.0f * t * t); }
+        case 1: { float t = ff_tanh(x); float d = 1.0f - t * t; return -2.0f * d * (d - 2.0f * t * t); }
         case 2: {
             float s = ff_sigmoid(x);
             float d1 = s * (1.0f - s);
@@ -71,7 +79,7 @@ FF_DEVICE float ff_act_grad3(int code, float x) {
 }
 
 // Soft clamp of a log-scale: c * tanh(raw / c) (DESIGN.md "Numerics").
-FF_DEVICE float ff_soft_clamp(float raw, float c) { return c * tanhf(raw / c); }
+FF_DEVICE float ff_soft_clamp(float raw, float c) { return c * ff_tanh(raw / c); }
 
 // ---------------------------------------------------------------------------------------------
 // bf16 / f16 storage (16-bit patterns in unsigned short), f32 arithmetic.

@@ -148,7 +148,7 @@ fn panels_figure_lays_out_a_grid() {
         &path,
         "base carried through the layers",
         &panels,
-        [-4.0, 4.0, -4.0, 4.0],
+        &[[-4.0, 4.0, -4.0, 4.0]; 5],
     )
     .unwrap();
     let (w, h, px) = decode(&path);
@@ -162,12 +162,26 @@ fn panels_figure_lays_out_a_grid() {
         ("b".to_string(), Tensor::zeros(4, 2)),
     ];
     assert!(matches!(
-        panels_figure(&dir.join("bad.png"), "t", &short, [-1.0, 1.0, -1.0, 1.0]),
+        panels_figure(
+            &dir.join("bad.png"),
+            "t",
+            &short,
+            &[[-1.0, 1.0, -1.0, 1.0]; 2]
+        ),
         Err(Error::Shape { .. })
     ));
     assert!(matches!(
-        panels_figure(&dir.join("bad.png"), "t", &[], [-1.0, 1.0, -1.0, 1.0]),
+        panels_figure(&dir.join("bad.png"), "t", &[], &[]),
         Err(Error::Empty(_))
+    ));
+    assert!(matches!(
+        panels_figure(
+            &dir.join("bad.png"),
+            "t",
+            &panels,
+            &[[-1.0, 1.0, -1.0, 1.0]; 2]
+        ),
+        Err(Error::Shape { .. })
     ));
 }
 

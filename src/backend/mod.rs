@@ -4,6 +4,8 @@
 
 pub mod cpu;
 pub mod cuda;
+#[cfg(feature = "emu")]
+pub mod emu;
 pub mod grid;
 
 pub use cpu::Cpu;
@@ -32,6 +34,20 @@ pub trait Device: Send + Sync + 'static {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+
+    /// The device's peak rates, where known (the yardsticks of `flowfuse bench`).
+    fn peaks(&self) -> Option<Peaks> {
+        None
+    }
+}
+
+/// What a device can do at most.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Peaks {
+    pub fp32_tflops: f64,
+    /// Dense bf16 tensor-core throughput (f32 accumulation).
+    pub bf16_tflops: f64,
+    pub memory_gbs: f64,
 }
 
 /// Every op family together: what a flow needs from a device.

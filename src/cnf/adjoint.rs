@@ -77,14 +77,14 @@ pub fn adjoint<B: Backend>(
         crate::ops::rk45::needs_second_derivative("adjoint", field.act())?;
         d.a_div.expect_shape("adjoint: a_div", rows, 1)?;
         d.a_div.check_finite("adjoint: a_div")?;
-        if let Some(p) = d.probes {
-            if p.rows() != rows || p.cols() == 0 || p.cols() % dim != 0 {
-                return Err(Error::shape(
-                    "adjoint: probes",
-                    format!("{rows}x(M·{dim})"),
-                    format!("{}x{}", p.rows(), p.cols()),
-                ));
-            }
+        if let Some(p) = d.probes
+            && (p.rows() != rows || p.cols() == 0 || !p.cols().is_multiple_of(dim))
+        {
+            return Err(Error::shape(
+                "adjoint: probes",
+                format!("{rows}x(M·{dim})"),
+                format!("{}x{}", p.rows(), p.cols()),
+            ));
         }
     }
     let out = solve_adjoint(

@@ -6,6 +6,7 @@
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::flows::layer::{FlowLayer, LayerState};
+use crate::ops::Direction;
 use crate::rng::Rng;
 use crate::tensor::{Shaped, Tensor};
 
@@ -56,27 +57,38 @@ impl<B: Backend> Flow<B> {
     /// z -> x with the total log|det ∂x/∂z| per row.
     pub fn forward(&self, b: &B, z: &B::Mat) -> Result<(B::Mat, B::Mat)> {
         self.check_batch("Flow::forward", z)?;
-        let mut x = z.clone();
-        let mut total = b.fill(z.rows(), 1, 0.0)?;
-        for layer in &self.layers {
-            let (y, ld) = layer.forward(b, &x)?;
-            total = b.axpby(1.0, &total, 1.0, &ld)?;
-            x = y;
-        }
-        Ok((x, total))
+        self.chain(b, z, Direction::Forward)
     }
 
     /// x -> z with the total log|det ∂z/∂x| per row.
     pub fn inverse(&self, b: &B, x: &B::Mat) -> Result<(B::Mat, B::Mat)> {
         self.check_batch("Flow::inverse", x)?;
-        let mut z = x.clone();
-        let mut total = b.fill(x.rows(), 1, 0.0)?;
-        for layer in self.layers.iter().rev() {
-            let (y, ld) = layer.inverse(b, &z)?;
+        self.chain(b, x, Direction::Inverse)
+    }
+
+    /// Every layer in turn (data side last for Forward, first for Inverse), summing log-dets.
+    fn chain(&self, b: &B, input: &B::Mat, dir: Direction) -> Result<(B::Mat, B::Mat)> {
+        let mut out: Option<B::Mat> = None;
+        let mut total = b.fill(input.rows(), 1, 0.0)?;
+        let apply = |layer: &dyn FlowLayer<B>, x: &B::Mat| match dir {
+            Direction::Forward => layer.forward(b, x),
+            Direction::Inverse => layer.inverse(b, x),
+        };
+        let mut step = |layer: &dyn FlowLayer<B>| -> Result<()> {
+            let (y, ld) = apply(layer, out.as_ref().unwrap_or(input))?;
             total = b.axpby(1.0, &total, 1.0, &ld)?;
-            z = y;
+            out = Some(y);
+            Ok(())
+        };
+        match dir {
+            Direction::Forward => self.layers.iter().try_for_each(|l| step(l.as_ref()))?,
+            Direction::Inverse => self
+                .layers
+                .iter()
+                .rev()
+                .try_for_each(|l| step(l.as_ref()))?,
         }
-        Ok((z, total))
+        Ok((out.unwrap_or_else(|| input.clone()), total))
     }
 
     /// log p(x) per row (B×1).

@@ -5,12 +5,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::flows::Flow;
 use crate::flows::actnorm::ActNorm;
 use crate::flows::autoregressive::AutoregressiveLayer;
 use crate::flows::coupling::CouplingLayer;
 use crate::flows::layer::{ArKind, FlowLayer};
 use crate::flows::permutation::Permutation;
-use crate::flows::Flow;
 use crate::nn::made::Order;
 use crate::nn::mlp::Activation;
 use crate::ops::coupling::{CouplingKind, CouplingSpec, Half};
@@ -40,7 +40,9 @@ impl Family {
             "spline" => Ok(Family::Spline),
             "maf" => Ok(Family::Maf),
             "iaf" => Ok(Family::Iaf),
-            _ => Err(Error::invalid(format!("unknown flow '{s}' (realnvp, nice, spline, maf, iaf)"))),
+            _ => Err(Error::invalid(format!(
+                "unknown flow '{s}' (realnvp, nice, spline, maf, iaf)"
+            ))),
         }
     }
 
@@ -80,7 +82,11 @@ impl FlowSpec {
         FlowSpec {
             family,
             dim,
-            layers: if matches!(family, Family::Maf | Family::Iaf) { 5 } else { 8 },
+            layers: if matches!(family, Family::Maf | Family::Iaf) {
+                5
+            } else {
+                8
+            },
             hidden: vec![64, 64],
             act: Activation::Relu,
             clamp: 3.0,
@@ -99,7 +105,11 @@ pub fn build<B: Backend>(b: &B, spec: &FlowSpec, rng: &mut Rng) -> Result<Flow<B
         return Err(Error::invalid("a flow needs at least one layer"));
     }
     if spec.dim < 2 {
-        return Err(Error::invalid(format!("the {} family needs data of dimension >= 2, got {}", spec.family.name(), spec.dim)));
+        return Err(Error::invalid(format!(
+            "the {} family needs data of dimension >= 2, got {}",
+            spec.family.name(),
+            spec.dim
+        )));
     }
     let d = spec.dim;
     let mut layers: Vec<Box<dyn FlowLayer<B>>> = Vec::new();
@@ -108,20 +118,61 @@ pub fn build<B: Backend>(b: &B, spec: &FlowSpec, rng: &mut Rng) -> Result<Flow<B
             layers.push(Box::new(ActNorm::new(b, d)?));
         }
         let copied = if i % 2 == 0 { Half::Lower } else { Half::Upper };
-        let order = if i % 2 == 0 { Order::Natural } else { Order::Reversed };
-        let coupling = |kind| CouplingSpec { dim: d, copied, kind };
+        let order = if i % 2 == 0 {
+            Order::Natural
+        } else {
+            Order::Reversed
+        };
+        let coupling = |kind| CouplingSpec {
+            dim: d,
+            copied,
+            kind,
+        };
         let layer: Box<dyn FlowLayer<B>> = match spec.family {
-            Family::RealNvp => Box::new(CouplingLayer::new(b, coupling(CouplingKind::Affine { clamp: spec.clamp }), &spec.hidden, spec.act, rng)?),
-            Family::Nice => Box::new(CouplingLayer::new(b, coupling(CouplingKind::Additive), &spec.hidden, spec.act, rng)?),
-            Family::Spline => Box::new(CouplingLayer::new(
+            Family::RealNvp => Box::new(CouplingLayer::new(
                 b,
-                coupling(CouplingKind::Spline { bins: spec.bins, bound: spec.bound }),
+                coupling(CouplingKind::Affine { clamp: spec.clamp }),
                 &spec.hidden,
                 spec.act,
                 rng,
             )?),
-            Family::Maf => Box::new(AutoregressiveLayer::new(b, ArKind::Maf, d, &spec.hidden, spec.act, order, spec.clamp, rng)?),
-            Family::Iaf => Box::new(AutoregressiveLayer::new(b, ArKind::Iaf, d, &spec.hidden, spec.act, order, spec.clamp, rng)?),
+            Family::Nice => Box::new(CouplingLayer::new(
+                b,
+                coupling(CouplingKind::Additive),
+                &spec.hidden,
+                spec.act,
+                rng,
+            )?),
+            Family::Spline => Box::new(CouplingLayer::new(
+                b,
+                coupling(CouplingKind::Spline {
+                    bins: spec.bins,
+                    bound: spec.bound,
+                }),
+                &spec.hidden,
+                spec.act,
+                rng,
+            )?),
+            Family::Maf => Box::new(AutoregressiveLayer::new(
+                b,
+                ArKind::Maf,
+                d,
+                &spec.hidden,
+                spec.act,
+                order,
+                spec.clamp,
+                rng,
+            )?),
+            Family::Iaf => Box::new(AutoregressiveLayer::new(
+                b,
+                ArKind::Iaf,
+                d,
+                &spec.hidden,
+                spec.act,
+                order,
+                spec.clamp,
+                rng,
+            )?),
         };
         layers.push(layer);
         if d > 2 && i + 1 < spec.layers {

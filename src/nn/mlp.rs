@@ -230,7 +230,7 @@ impl<M> Mlp<M> {
 
     /// Rebuilds a network of this structure from tensors in `tensors()` order.
     pub fn from_tensors(act: Activation, tensors: Vec<M>) -> Result<Mlp<M>> {
-        if tensors.is_empty() || tensors.len() % 2 != 0 {
+        if tensors.is_empty() || !tensors.len().is_multiple_of(2) {
             return Err(Error::invalid(format!(
                 "an MLP needs an even, non-zero number of tensors, got {}",
                 tensors.len()

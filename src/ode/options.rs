@@ -143,12 +143,12 @@ impl OdeOptions {
         if self.max_steps == 0 {
             return Err(Error::invalid("ode max_steps must be positive"));
         }
-        if let Some(h0) = self.h0 {
-            if !(h0.is_finite() && h0 > 0.0) {
-                return Err(Error::invalid(format!(
-                    "ode h0 must be finite and positive, got {h0}"
-                )));
-            }
+        if let Some(h0) = self.h0
+            && !(h0.is_finite() && h0 > 0.0)
+        {
+            return Err(Error::invalid(format!(
+                "ode h0 must be finite and positive, got {h0}"
+            )));
         }
         if !finite_nonneg(self.h_min) || self.h_max.is_nan() || self.h_max <= self.h_min {
             return Err(Error::invalid(format!(
@@ -205,14 +205,14 @@ impl OdeOptions {
 }
 
 fn validate_span(span: &Span, rows: usize) -> Result<()> {
-    if let Span::PerRow { t0, t1 } = span {
-        if t0.len() != rows || t1.len() != rows {
-            return Err(Error::shape(
-                "ode span",
-                format!("{rows} start and end times"),
-                format!("{} and {}", t0.len(), t1.len()),
-            ));
-        }
+    if let Span::PerRow { t0, t1 } = span
+        && (t0.len() != rows || t1.len() != rows)
+    {
+        return Err(Error::shape(
+            "ode span",
+            format!("{rows} start and end times"),
+            format!("{} and {}", t0.len(), t1.len()),
+        ));
     }
     let count = if matches!(span, Span::Uniform { .. }) {
         1

@@ -136,7 +136,7 @@ fn validate_state(y0: &[f64], dim: usize) -> Result<usize> {
     if y0.is_empty() {
         return Err(Error::Empty("ode initial state has no rows".into()));
     }
-    if y0.len() % dim != 0 {
+    if !y0.len().is_multiple_of(dim) {
         return Err(Error::shape(
             "ode initial state",
             format!("a multiple of dim = {dim} values"),

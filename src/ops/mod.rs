@@ -35,3 +35,13 @@ impl Direction {
         }
     }
 }
+
+/// Every op trait, for `use flowfuse::ops::prelude::*`.
+pub mod prelude {
+    pub use super::coupling::CouplingOps;
+    pub use super::elementwise::ElementOps;
+    pub use super::logdet::LogdetOps;
+    pub use super::made::MadeOps;
+    pub use super::optim::OptimOps;
+    pub use super::rk45::Rk45Ops;
+}

@@ -235,9 +235,18 @@ pub fn panels_figure(
     path: &Path,
     title: &str,
     panels: &[(String, Tensor)],
-    extent: [f32; 4],
+    extents: &[[f32; 4]],
 ) -> Result<()> {
-    check_extent(extent)?;
+    if extents.len() != panels.len() {
+        return Err(Error::shape(
+            "panels_figure",
+            format!("{} extents", panels.len()),
+            extents.len(),
+        ));
+    }
+    for e in extents {
+        check_extent(*e)?;
+    }
     let Some((_, base)) = panels.first() else {
         return Err(Error::Empty("panels figure with no panels".into()));
     };
@@ -257,7 +266,10 @@ pub fn panels_figure(
     let colors = angle_colors((0..base.rows()).map(|i| [base.get(i, 0), base.get(i, 1)]));
     let (r, alpha) = point_style(base.rows());
 
-    let (w, h) = area_size(extent, PANEL_SIDE);
+    let (w, h) = extents
+        .iter()
+        .map(|e| area_size(*e, PANEL_SIDE))
+        .fold((0, 0), |(a, b), (w, h)| (a.max(w), b.max(h)));
     let cols = panels.len().min(PANELS_PER_ROW);
     let rows = panels.len().div_ceil(PANELS_PER_ROW);
     let cell_w = MARGIN_LEFT + w + MARGIN_RIGHT;
@@ -270,16 +282,19 @@ pub fn panels_figure(
         WHITE,
     )?;
     c.text(c.width() as i32 / 2, 8, title, 3, BLACK, Anchor::TopCenter);
-    for (k, (label, pts)) in panels.iter().enumerate() {
+    for (k, ((label, pts), extent)) in panels.iter().zip(extents).enumerate() {
         let (gx, gy) = ((k % PANELS_PER_ROW) as i32, (k / PANELS_PER_ROW) as i32);
+        let (pw, ph) = area_size(*extent, PANEL_SIDE);
+        // Each panel keeps its own window (the base and the data live at different scales),
+        // centred in a cell of the largest panel's size.
         let f = Frame {
             area: Rect::new(
-                gx * cell_w + MARGIN_LEFT,
-                header + gy * cell_h + MARGIN_TOP,
-                w,
-                h,
+                gx * cell_w + MARGIN_LEFT + (w - pw) / 2,
+                header + gy * cell_h + MARGIN_TOP + (h - ph) / 2,
+                pw,
+                ph,
             ),
-            extent,
+            extent: *extent,
         };
         c.set_clip(Some(f.area));
         for (i, color) in colors.iter().enumerate() {

@@ -38,11 +38,11 @@ fn parse(text: &str) -> std::result::Result<Option<Tensor>, String> {
         .peekable();
 
     let mut header: Option<(usize, usize)> = None; // (line, width)
-    if let Some(&(line_no, line)) = lines.peek() {
-        if line.split(',').any(|cell| parse_cell(cell).is_none()) {
-            header = Some((line_no, line.split(',').count()));
-            lines.next();
-        }
+    if let Some(&(line_no, line)) = lines.peek()
+        && line.split(',').any(|cell| parse_cell(cell).is_none())
+    {
+        header = Some((line_no, line.split(',').count()));
+        lines.next();
     }
 
     let mut values = Vec::new();
@@ -82,12 +82,12 @@ fn parse(text: &str) -> std::result::Result<Option<Tensor>, String> {
     let Some(width) = width else {
         return Ok(None);
     };
-    if let Some((line_no, hw)) = header {
-        if hw != width {
-            return Err(format!(
-                "header on line {line_no} has {hw} columns, the data has {width}"
-            ));
-        }
+    if let Some((line_no, hw)) = header
+        && hw != width
+    {
+        return Err(format!(
+            "header on line {line_no} has {hw} columns, the data has {width}"
+        ));
     }
     Tensor::from_vec(rows, width, values)
         .map(Some)

@@ -3,5 +3,6 @@
 pub mod checkpoint;
 pub mod csv;
 pub mod data;
+pub mod model;
 pub mod npy;
 pub mod trainer;

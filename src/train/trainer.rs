@@ -14,6 +14,7 @@ use crate::nn::adam::Adam;
 use crate::ops::optim::AdamHyper;
 use crate::rng::Rng;
 use crate::tensor::{Shaped, Tensor};
+use crate::train::data::Batches;
 
 /// What the trainer needs from a model.
 pub trait Trainable<B: Backend> {
@@ -142,14 +143,18 @@ pub fn train<B: Backend, M: Trainable<B>>(
     }
     let mut rng = Rng::new(cfg.seed);
     let data = b.upload(train)?;
-    let mut order = EpochOrder::new(train.rows(), rng.fork());
+    let mut batches = Batches::new(train.rows(), &mut rng)?;
     let mut adam = Adam::new(b, &model.params(), cfg.adam, cfg.clip_norm)?;
     let bar = progress_bar(cfg);
     let mut elapsed = 0.0;
     let mut recent = RunningMean::default();
     for step in 1..=cfg.steps {
         let started = Instant::now();
-        let idx = order.next_batch(cfg.batch);
+        let idx: Vec<u32> = batches
+            .next_batch(cfg.batch)
+            .into_iter()
+            .map(|i| i as u32)
+            .collect();
         let batch = b.gather_rows(&data, &b.upload_idx(&idx)?)?;
         let (loss, grads) = model.loss_and_grad(b, &batch, &mut rng)?;
         if !loss.is_finite() {
@@ -231,37 +236,6 @@ fn progress_bar(cfg: &TrainConfig) -> Option<indicatif::ProgressBar> {
     .expect("static template");
     bar.set_style(style);
     Some(bar)
-}
-
-/// Seeded mini-batches: a fresh permutation every epoch, consumed in order.
-struct EpochOrder {
-    rng: Rng,
-    perm: Vec<u32>,
-    pos: usize,
-}
-
-impl EpochOrder {
-    fn new(n: usize, rng: Rng) -> Self {
-        EpochOrder {
-            rng,
-            perm: (0..n as u32).collect(),
-            pos: n,
-        }
-    }
-
-    fn next_batch(&mut self, batch: usize) -> Vec<u32> {
-        let mut out = Vec::with_capacity(batch);
-        while out.len() < batch {
-            if self.pos == self.perm.len() {
-                self.rng.shuffle(&mut self.perm);
-                self.pos = 0;
-            }
-            let take = (batch - out.len()).min(self.perm.len() - self.pos);
-            out.extend_from_slice(&self.perm[self.pos..self.pos + take]);
-            self.pos += take;
-        }
-        out
-    }
 }
 
 #[derive(Default)]

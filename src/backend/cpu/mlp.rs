@@ -1,6 +1,8 @@
 //! The conditioner MLP on the host: forward with a tape of activations, and its backward.
 //! Every CPU reference op that contains an MLP (coupling, MADE, vector fields) uses these.
 
+use std::borrow::Cow;
+
 use super::gemm::{View, matmul};
 use crate::nn::mlp::{Activation, Mlp};
 use crate::tensor::{Shaped, Tensor};
@@ -26,15 +28,13 @@ pub fn forward(net: &Mlp<Tensor>, x: &[f32], rows: usize) -> MlpTape {
         let (k, m) = (layer.w.rows(), layer.w.cols());
         let input: &[f32] = if l == 0 { x } else { &hidden[l - 1] };
         let mut y = vec![0.0f32; rows * m];
-        for r in 0..rows {
-            y[r * m..(r + 1) * m].copy_from_slice(layer.b.data());
-        }
         matmul(
             &mut y,
             View::new(input, rows, k),
             View::new(layer.w.data(), k, m),
-            true,
+            false,
         );
+        add_bias(&mut y, layer.b.data());
         if l + 1 == n {
             out = y;
         } else {
@@ -51,8 +51,101 @@ pub fn forward(net: &Mlp<Tensor>, x: &[f32], rows: usize) -> MlpTape {
     }
 }
 
+/// act(pre) as a new vector, in one pass (match outside the loop, see [`activate_in_place`]).
 pub fn activate(act: Activation, pre: &[f32]) -> Vec<f32> {
-    pre.iter().map(|&v| act.apply(v)).collect()
+    fn each(pre: &[f32], f: impl Fn(f32) -> f32) -> Vec<f32> {
+        pre.iter().map(|&x| f(x)).collect()
+    }
+    match act {
+        Activation::Relu => each(pre, |x| Activation::Relu.apply(x)),
+        Activation::Tanh => each(pre, |x| Activation::Tanh.apply(x)),
+        Activation::Silu => each(pre, |x| Activation::Silu.apply(x)),
+        Activation::Softplus => each(pre, |x| Activation::Softplus.apply(x)),
+    }
+}
+
+/// Applies `act` element-wise in place. The match sits outside the loop so that each arm is a
+/// plain loop the compiler can vectorise (a per-element match costs more than the GEMMs for
+/// small layers).
+pub fn activate_in_place(act: Activation, v: &mut [f32]) {
+    fn each(v: &mut [f32], f: impl Fn(f32) -> f32) {
+        for x in v {
+            *x = f(*x);
+        }
+    }
+    match act {
+        Activation::Relu => each(v, |x| Activation::Relu.apply(x)),
+        Activation::Tanh => each(v, |x| Activation::Tanh.apply(x)),
+        Activation::Silu => each(v, |x| Activation::Silu.apply(x)),
+        Activation::Softplus => each(v, |x| Activation::Softplus.apply(x)),
+    }
+}
+
+/// y[r, :] += b for every row: one vectorised loop rather than a copy call per row.
+fn add_bias(y: &mut [f32], b: &[f32]) {
+    for row in y.chunks_exact_mut(b.len()) {
+        for (v, &c) in row.iter_mut().zip(b) {
+            *v += c;
+        }
+    }
+}
+
+/// y[r, :] = act(y[r, :] + b) in one pass (match outside the loop, see [`activate_in_place`]).
+fn bias_activate(act: Activation, y: &mut [f32], b: &[f32]) {
+    fn each(y: &mut [f32], b: &[f32], f: impl Fn(f32) -> f32) {
+        for row in y.chunks_exact_mut(b.len()) {
+            for (v, &c) in row.iter_mut().zip(b) {
+                *v = f(*v + c);
+            }
+        }
+    }
+    match act {
+        Activation::Relu => each(y, b, |x| Activation::Relu.apply(x)),
+        Activation::Tanh => each(y, b, |x| Activation::Tanh.apply(x)),
+        Activation::Silu => each(y, b, |x| Activation::Silu.apply(x)),
+        Activation::Softplus => each(y, b, |x| Activation::Softplus.apply(x)),
+    }
+}
+
+/// delta ⊙= act'(pre), with the match outside the loop (see [`activate_in_place`]).
+fn scale_by_grad(act: Activation, delta: &mut [f32], pre: &[f32]) {
+    fn each(d: &mut [f32], pre: &[f32], f: impl Fn(f32) -> f32) {
+        for (x, &z) in d.iter_mut().zip(pre) {
+            *x *= f(z);
+        }
+    }
+    match act {
+        Activation::Relu => each(delta, pre, |z| Activation::Relu.grad(z)),
+        Activation::Tanh => each(delta, pre, |z| Activation::Tanh.grad(z)),
+        Activation::Silu => each(delta, pre, |z| Activation::Silu.grad(z)),
+        Activation::Softplus => each(delta, pre, |z| Activation::Softplus.grad(z)),
+    }
+}
+
+/// The network output alone, for callers that need no backward pass: no tape, bias and
+/// activation applied in one pass in place, so a pass allocates one buffer per layer and keeps
+/// none.
+pub fn forward_output(net: &Mlp<Tensor>, x: &[f32], rows: usize) -> Vec<f32> {
+    let n = net.layers.len();
+    let mut prev: Vec<f32> = Vec::new();
+    for (l, layer) in net.layers.iter().enumerate() {
+        let (k, m) = (layer.w.rows(), layer.w.cols());
+        let mut y = vec![0.0f32; rows * m];
+        let input: &[f32] = if l == 0 { x } else { &prev };
+        matmul(
+            &mut y,
+            View::new(input, rows, k),
+            View::new(layer.w.data(), k, m),
+            false,
+        );
+        if l + 1 < n {
+            bias_activate(net.act, &mut y, layer.b.data());
+        } else {
+            add_bias(&mut y, layer.b.data());
+        }
+        prev = y;
+    }
+    prev
 }
 
 /// Backward through the MLP for the rows of one forward pass.
@@ -69,7 +162,8 @@ pub fn backward(
 ) -> Option<Vec<f32>> {
     let rows = tape.rows;
     let n = net.layers.len();
-    let mut delta = d_out.to_vec();
+    // Borrowed until the first layer's product replaces it (no copy of d_out).
+    let mut delta: Cow<[f32]> = Cow::Borrowed(d_out);
     for l in (0..n).rev() {
         let layer = &net.layers[l];
         let (k, m) = (layer.w.rows(), layer.w.cols());
@@ -98,13 +192,11 @@ pub fn backward(
             false,
         );
         if l > 0 {
-            for (p, &z) in prev.iter_mut().zip(&tape.pre[l - 1]) {
-                *p *= net.act.grad(z);
-            }
+            scale_by_grad(net.act, &mut prev, &tape.pre[l - 1]);
         }
-        delta = prev;
+        delta = Cow::Owned(prev);
     }
-    Some(delta)
+    Some(delta.into_owned())
 }
 
 /// Adds `src` into `dst` tensor by tensor (summing per-chunk gradients in a fixed order).

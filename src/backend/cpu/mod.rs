@@ -3,6 +3,7 @@
 
 pub mod gemm;
 pub mod mlp;
+pub mod vmath;
 
 use std::ops::Range;
 

@@ -14,10 +14,14 @@ use cudarc::driver::{
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use super::grid::{Grid, GridDevice, KArg, LaunchCfg};
+use crate::backend::Peaks;
 use crate::error::{Error, Result};
 
 /// The CUDA backend.
 pub type Cuda = Grid<CudaGrid>;
+
+/// The value of a null device pointer argument.
+static NULL_PTR: u64 = 0;
 
 /// Dynamic shared memory above this needs an opt-in attribute per function.
 const DEFAULT_SMEM_LIMIT: u32 = 48 * 1024;
@@ -87,10 +91,13 @@ pub struct LoadedFamily {
 }
 
 pub struct CudaGrid {
+    peaks: Peaks,
     _ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: Vec<(LoadedFamily, Arc<CudaModule>)>,
-    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    /// Loaded functions, and whether each has opted in to more than 48 KiB of dynamic shared
+    /// memory (a launch that needs more may come after a smaller one).
+    functions: Mutex<HashMap<&'static str, (CudaFunction, bool)>>,
     description: String,
 }
 
@@ -133,7 +140,9 @@ impl Cuda {
             ));
         }
         let description = format!("cuda:{ordinal} ({name}, sm_{major}{minor})");
+        let peaks = peaks(&ctx, major)?;
         Ok(Grid::with_device(CudaGrid {
+            peaks,
             _ctx: ctx,
             stream,
             modules,
@@ -141,6 +150,28 @@ impl Cuda {
             description,
         }))
     }
+}
+
+/// Peak rates from the SM count, clocks and bus width. Per SM and clock: 128 FP32 FMA lanes
+/// (256 flops) on sm_80/sm_90; dense bf16 mma 2048 flops (sm_80) or 4096 (sm_90).
+fn peaks(ctx: &Arc<CudaContext>, major: i32) -> Result<Peaks> {
+    use cudarc::driver::sys::CUdevice_attribute_enum as A;
+    let attr = |a| {
+        ctx.attribute(a)
+            .map(|v| v as f64)
+            .map_err(|e| driver_err("device attribute", e))
+    };
+    let sms = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+    let clock_hz = attr(A::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)? * 1e3;
+    let mem_hz = attr(A::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)? * 1e3;
+    let bus_bytes = attr(A::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)? / 8.0;
+    let mma_per_clock = if major >= 9 { 4096.0 } else { 2048.0 };
+    Ok(Peaks {
+        fp32_tflops: sms * clock_hz * 256.0 / 1e12,
+        bf16_tflops: sms * clock_hz * mma_per_clock / 1e12,
+        // Double data rate.
+        memory_gbs: 2.0 * mem_hz * bus_bytes / 1e9,
+    })
 }
 
 impl CudaGrid {
@@ -154,23 +185,31 @@ impl CudaGrid {
             op: "kernel cache".into(),
             reason: "poisoned lock".into(),
         })?;
-        if let Some(f) = cache.get(name) {
-            return Ok(f.clone());
-        }
-        let f = self
-            .modules
-            .iter()
-            .find_map(|(_, m)| m.load_function(name).ok())
-            .ok_or_else(|| Error::NoKernelImage(format!("kernel {name} is in no loaded module")))?;
-        if smem > DEFAULT_SMEM_LIMIT {
+        let (f, opted_in) = match cache.get(name) {
+            Some(entry) => entry.clone(),
+            None => {
+                let f = self
+                    .modules
+                    .iter()
+                    .find_map(|(_, m)| m.load_function(name).ok())
+                    .ok_or_else(|| {
+                        Error::NoKernelImage(format!("kernel {name} is in no loaded module"))
+                    })?;
+                (f, false)
+            }
+        };
+        let opted_in = if smem > DEFAULT_SMEM_LIMIT && !opted_in {
             // Large tiles opt in to the full shared memory of the SM (227 KiB on Hopper).
             f.set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 227 * 1024,
             )
             .map_err(|e| driver_err(name, e))?;
-        }
-        cache.insert(name, f.clone());
+            true
+        } else {
+            opted_in
+        };
+        cache.insert(name, (f.clone(), opted_in));
         Ok(f)
     }
 }
@@ -282,6 +321,7 @@ impl GridDevice for CudaGrid {
         for a in args {
             match a {
                 KArg::Buf(buf) => b.arg(*buf),
+                KArg::Null => b.arg(&NULL_PTR),
                 KArg::I32(v) => b.arg(v),
                 KArg::U32(v) => b.arg(v),
                 KArg::I64(v) => b.arg(v),
@@ -304,5 +344,9 @@ impl GridDevice for CudaGrid {
         self.stream
             .synchronize()
             .map_err(|e| driver_err("synchronize", e))
+    }
+
+    fn peaks(&self) -> Option<Peaks> {
+        Some(self.peaks)
     }
 }

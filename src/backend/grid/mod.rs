@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::backend::Device;
+use crate::backend::{Device, Peaks};
 use crate::error::{Error, Result};
 use crate::tensor::{Shaped, Tensor};
 
@@ -59,6 +59,8 @@ impl LaunchCfg {
 pub enum KArg<'a, B> {
     /// A device pointer (input or output).
     Buf(&'a B),
+    /// A null device pointer (an unused optional buffer, e.g. the missing layers of a shallow MLP).
+    Null,
     I32(i32),
     U32(u32),
     I64(i64),
@@ -83,6 +85,10 @@ pub trait GridDevice: Send + Sync + 'static {
         args: &[KArg<'_, Self::Buf>],
     ) -> Result<()>;
     fn synchronize(&self) -> Result<()>;
+    /// Peak rates, where the device knows them.
+    fn peaks(&self) -> Option<Peaks> {
+        None
+    }
 }
 
 /// A row-major f32 matrix in device memory. Clones share the buffer (ops never write their
@@ -165,14 +171,34 @@ impl<G: GridDevice> GridIdx<G> {
     }
 }
 
+/// Storage precision of the matrix products inside the fused kernels. Accumulation, log-dets
+/// and everything the ops return stay f32 whatever this says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    F32,
+    /// bf16 weights and activations on tensor cores (mma.m16n8k16), f32 accumulation.
+    Bf16,
+}
+
 /// A backend that runs the kernels on a grid device.
 pub struct Grid<G: GridDevice> {
     pub dev: G,
+    pub precision: Precision,
 }
 
 impl<G: GridDevice> Grid<G> {
     pub fn with_device(dev: G) -> Self {
-        Grid { dev }
+        Grid {
+            dev,
+            precision: Precision::F32,
+        }
+    }
+
+    /// The same device with another matmul precision.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
     }
 
     /// A fresh zeroed rows×cols matrix.
@@ -249,5 +275,9 @@ impl<G: GridDevice> Device for Grid<G> {
 
     fn synchronize(&self) -> Result<()> {
         self.dev.synchronize()
+    }
+
+    fn peaks(&self) -> Option<Peaks> {
+        self.dev.peaks()
     }
 }

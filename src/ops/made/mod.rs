@@ -6,6 +6,7 @@
 //! sorted by degree, so every mask is block-triangular and kernels can skip all-zero tiles.
 
 pub mod cpu;
+pub mod cuda;
 
 use serde::{Deserialize, Serialize};
 
@@ -18,8 +19,10 @@ use crate::tensor::Shaped;
 /// The degrees of a MADE network and the soft clamp of its log-scales.
 ///
 /// `degrees[0]` are the D input degrees (a permutation of 1..=D: the autoregressive order),
-/// `degrees[l]` for 0 < l < L the hidden degrees (in 1..D, sorted ascending), and `degrees[L]`
-/// the 2D output degrees: output j and D + j belong to input j and carry its degree.
+/// `degrees[l]` for 0 < l < L the hidden degrees (each in 1..=D−1, sorted ascending within the
+/// layer), and `degrees[L]` the 2D output degrees: output j and D + j belong to input j and
+/// carry its degree. Output j is the shift b_j, output D + j the raw log-scale of input j.
+/// `check` enforces all of this.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MadeSpec {
     pub dim: usize,
@@ -93,6 +96,17 @@ impl MadeSpec {
                 )));
             }
         }
+        // Sorted hidden degrees make every mask block-triangular, which the kernels rely on
+        // (a degree outside 1..=D-1 would feed no output).
+        for (l, deg) in self.degrees[1..self.degrees.len() - 1].iter().enumerate() {
+            if deg.iter().any(|&k| k == 0 || k as usize >= d) || !deg.is_sorted() {
+                return Err(Error::invalid(format!(
+                    "{op}: hidden degrees of layer {} must be sorted and lie in 1..={}",
+                    l + 1,
+                    d - 1
+                )));
+            }
+        }
         let out = &self.degrees[self.degrees.len() - 1];
         for j in 0..d {
             if out[j] != self.degrees[0][j] || out[d + j] != self.degrees[0][j] {
@@ -105,6 +119,11 @@ impl MadeSpec {
     }
 }
 
+/// The MADE ops. Every method takes `degrees`, the vectors of `spec.degrees` uploaded one
+/// per layer (`upload_idx`); a backend may reject degrees that differ from the spec. Input
+/// columns are in the data's own column order; `spec.degrees[0]` says which comes first.
+/// Errors: shapes that disagree with the spec, an empty batch, or a non-finite input,
+/// parameter or result.
 pub trait MadeOps: Device {
     /// The one-pass affine autoregressive transform, with (b, s) = MADE(input):
     /// - Inverse (MAF density, x -> z): z = (x - b) ⊙ exp(-s), logdet = -Σ s  (eq. 18.18)
@@ -120,8 +139,9 @@ pub trait MadeOps: Device {
         dir: Direction,
     ) -> Result<(Self::Mat, Self::Mat)>;
 
-    /// Backward of `ar_parallel`: given dL/d output and dL/d logdet, returns dL/d input and
-    /// dL/d parameters (masked: a dead weight gets a zero gradient).
+    /// Backward of `ar_parallel`: given dL/d output (B×D) and dL/d logdet (B×1), returns dL/d
+    /// input and dL/d parameters, summed over the batch, in the structure of `net` (masked: a
+    /// dead weight gets exactly zero).
     #[allow(clippy::too_many_arguments)]
     fn ar_parallel_backward(
         &self,

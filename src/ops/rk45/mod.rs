@@ -17,6 +17,7 @@
 //!   divergence is then piecewise constant in z).
 
 pub mod cpu;
+pub mod cuda;
 mod fastact;
 mod narrow;
 mod pass;
@@ -62,14 +63,14 @@ impl<M: Shaped> TraceMode<'_, M> {
     }
 
     fn check(&self, op: &'static str, rows: usize, dim: usize) -> Result<()> {
-        if let TraceMode::Hutchinson(p) = self {
-            if p.rows() != rows || p.cols() == 0 || p.cols() % dim != 0 {
-                return Err(Error::shape(
-                    op,
-                    format!("Hutchinson probes {rows}x(M·{dim}) with M >= 1"),
-                    format!("{}x{}", p.rows(), p.cols()),
-                ));
-            }
+        if let TraceMode::Hutchinson(p) = self
+            && (p.rows() != rows || p.cols() == 0 || !p.cols().is_multiple_of(dim))
+        {
+            return Err(Error::shape(
+                op,
+                format!("Hutchinson probes {rows}x(M·{dim}) with M >= 1"),
+                format!("{}x{}", p.rows(), p.cols()),
+            ));
         }
         Ok(())
     }

@@ -1,0 +1,296 @@
+//! The subcommands.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use crate::args::{BenchArgs, Cli, Command, EvalArgs, SampleArgs, TrainArgs};
+use crate::bench::{Sizes, run_suite};
+use crate::device::{OnBackend, dispatch};
+use crate::figures::flow_figures;
+use flowfuse::backend::cuda;
+use flowfuse::flows::actnorm::ActNorm;
+use flowfuse::flows::presets::{Family, FlowSpec, build};
+use flowfuse::nn::Activation;
+use flowfuse::ops::optim::AdamHyper;
+use flowfuse::train::data::{DataSource, Standardizer, train_test_split};
+use flowfuse::train::model::{load_flow, save_flow};
+use flowfuse::train::trainer::{TrainConfig, dataset_nll, train};
+use flowfuse::train::{csv, npy};
+use flowfuse::{Backend, Error, Result, Rng, Shaped, Tensor};
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(a) => {
+            let device = a.device.clone();
+            let report = dispatch(&device, TrainJob(*a))?;
+            println!("{}", serde_json::to_string(&report).expect("json"));
+            Ok(())
+        }
+        Command::Eval(a) => {
+            let device = a.device.clone();
+            let report = dispatch(&device, EvalJob(a))?;
+            println!("{}", serde_json::to_string(&report).expect("json"));
+            Ok(())
+        }
+        Command::Sample(a) => {
+            let device = a.device.clone();
+            let report = dispatch(&device, SampleJob(a))?;
+            println!("{}", serde_json::to_string(&report).expect("json"));
+            Ok(())
+        }
+        Command::Bench(a) => {
+            let device = a.device.clone();
+            for line in dispatch(&device, BenchJob(a))? {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Command::Kernels => {
+            print!("{}", flowfuse::backend::cuda::images::REPORT);
+            Ok(())
+        }
+        Command::Info => {
+            println!("{}", serde_json::to_string_pretty(&info()).expect("json"));
+            Ok(())
+        }
+    }
+}
+
+fn info() -> Value {
+    let avail = cuda::availability();
+    let gpu = if avail.devices > 0 {
+        "usable".to_string()
+    } else {
+        format!("not usable: {}", avail.reason)
+    };
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "backends": ["cpu", "cuda"],
+        "cpu_threads": rayon_threads(),
+        "cuda_driver": avail.driver,
+        "cuda_devices": avail.devices,
+        "gpu": gpu,
+        "nvrtc_runtime": avail.nvrtc,
+        "kernel_build": flowfuse::backend::cuda::images::BUILD_MODE,
+    })
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn parse_hidden(s: &str) -> Result<Vec<usize>> {
+    let widths: Vec<usize> = s
+        .split(',')
+        .map(|w| {
+            w.trim()
+                .parse::<usize>()
+                .map_err(|_| Error::invalid(format!("--hidden: '{w}' is not a positive integer")))
+        })
+        .collect::<Result<_>>()?;
+    if widths.is_empty() || widths.contains(&0) {
+        return Err(Error::invalid(
+            "--hidden needs positive widths, e.g. 64 or 128,128",
+        ));
+    }
+    Ok(widths)
+}
+
+/// Loads the data set named on the command line and splits it.
+fn load_split(
+    data: &str,
+    samples: usize,
+    test_fraction: f64,
+    rng: &mut Rng,
+) -> Result<(DataSource, Tensor, Tensor)> {
+    let source = DataSource::parse(data)?;
+    let all = source.load(samples, rng)?;
+    let (train, test) = train_test_split(&all, test_fraction, rng)?;
+    Ok((source, train, test))
+}
+
+struct TrainJob(TrainArgs);
+
+impl OnBackend for TrainJob {
+    type Out = Value;
+
+    fn run<B: Backend>(self, b: &B) -> Result<Value> {
+        let a = self.0;
+        if a.model == "cnf" {
+            return Err(Error::Unsupported {
+                op: "continuous flows",
+                backend: b.name(),
+            });
+        }
+        let family = Family::parse(&a.model)?;
+        let mut rng = Rng::new(a.seed);
+        let (source, train_data, test_data) =
+            load_split(&a.data, a.samples, a.test_fraction, &mut rng)?;
+        let dim = train_data.cols();
+        let mut spec = FlowSpec::new(family, dim);
+        if let Some(l) = a.layers {
+            spec.layers = l;
+        }
+        if let Some(h) = &a.hidden {
+            spec.hidden = parse_hidden(h)?;
+        }
+        if let Some(act) = &a.activation {
+            spec.act = Activation::parse(act)?;
+        }
+        let mut flow = build(b, &spec, &mut rng)?;
+        if !a.no_standardize {
+            // A fixed last layer maps standardised values to data units, so the model is
+            // trained and evaluated on the raw data and reports log-densities in its units.
+            let st = Standardizer::fit(&train_data)?;
+            flow.push(Box::new(ActNorm::standardization(b, &st.mean, &st.std)?))?;
+        }
+        let init_rows = train_data.slice_rows(0, 4096);
+        flow.init_from_data(b, &b.upload(&init_rows)?)?;
+
+        std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+        let metrics_path = a.out.join("metrics.jsonl");
+        let mut metrics =
+            BufWriter::new(File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?);
+        let cfg = TrainConfig {
+            steps: a.steps.unwrap_or(default_steps(family)),
+            batch: a.batch,
+            adam: AdamHyper {
+                lr: a.lr.unwrap_or(2e-3),
+                weight_decay: a.weight_decay,
+                ..AdamHyper::default()
+            },
+            clip_norm: (a.clip > 0.0).then_some(a.clip),
+            seed: a.seed,
+            eval_every: a.eval_every,
+            progress: !a.quiet,
+            ..TrainConfig::default()
+        };
+        let report = train(
+            &mut flow,
+            b,
+            &train_data,
+            &test_data,
+            &cfg,
+            Some(&mut metrics),
+        )?;
+        drop(metrics);
+
+        let model_path = a.out.join("model.safetensors");
+        let mut notes = BTreeMap::new();
+        notes.insert("data".into(), source.to_string());
+        notes.insert("steps".into(), cfg.steps.to_string());
+        notes.insert("test_nll".into(), format!("{:.6}", report.test_nll));
+        save_flow(&model_path, b, &flow, family.name(), notes)?;
+
+        let figures = if dim == 2 && !a.no_figures {
+            flow_figures(b, &flow, family.name(), &test_data, &a.out, a.seed)?
+        } else {
+            vec![]
+        };
+        Ok(json!({
+            "model": family.name(),
+            "data": source.to_string(),
+            "device": b.name(),
+            "dim": dim,
+            "layers": spec.layers,
+            "hidden": spec.hidden,
+            "params": flow.params().iter().map(|p| p.len()).sum::<usize>(),
+            "train_nll": report.train_nll,
+            "test_nll": report.test_nll,
+            "steps": report.steps,
+            "batch": cfg.batch,
+            "seconds": report.seconds,
+            "samples_per_second": report.samples_per_second,
+            "out": a.out.display().to_string(),
+            "figures": figures.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        }))
+    }
+}
+
+fn default_steps(family: Family) -> usize {
+    match family {
+        Family::Iaf => 2000,
+        _ => 3000,
+    }
+}
+
+struct EvalJob(EvalArgs);
+
+impl OnBackend for EvalJob {
+    type Out = Value;
+
+    fn run<B: Backend>(self, b: &B) -> Result<Value> {
+        let a = self.0;
+        let (flow, meta) = load_flow(&a.model, b)?;
+        let mut rng = Rng::new(a.seed);
+        let source = DataSource::parse(&a.data)?;
+        let data = source.load(a.samples, &mut rng)?;
+        if data.cols() != flow.dim() {
+            return Err(Error::shape(
+                "eval",
+                format!("data with {} columns (the model's dimension)", flow.dim()),
+                data.cols(),
+            ));
+        }
+        let nll = dataset_nll(&flow, b, &data, 8192)?;
+        Ok(
+            json!({ "model": meta.family, "data": source.to_string(), "rows": data.rows(), "nll": nll, "device": b.name() }),
+        )
+    }
+}
+
+struct SampleJob(SampleArgs);
+
+impl OnBackend for SampleJob {
+    type Out = Value;
+
+    fn run<B: Backend>(self, b: &B) -> Result<Value> {
+        let a = self.0;
+        if a.n == 0 {
+            return Err(Error::invalid("-n must be positive"));
+        }
+        let writer = output_writer(&a.out)?;
+        let (flow, meta) = load_flow(&a.model, b)?;
+        let mut rng = Rng::new(a.seed);
+        let x = b.download(&flow.sample(b, a.n, &mut rng)?)?;
+        writer(&a.out, &x)?;
+        Ok(
+            json!({ "model": meta.family, "samples": a.n, "out": a.out.display().to_string(), "device": b.name() }),
+        )
+    }
+}
+
+type Writer = fn(&Path, &Tensor) -> Result<()>;
+
+fn output_writer(path: &Path) -> Result<Writer> {
+    match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+    {
+        Some(e) if e == "npy" => Ok(npy::save_npy),
+        Some(e) if e == "csv" => Ok(csv::save_csv),
+        _ => Err(Error::invalid(format!(
+            "--out must end in .npy or .csv, got {}",
+            path.display()
+        ))),
+    }
+}
+
+struct BenchJob(BenchArgs);
+
+impl OnBackend for BenchJob {
+    type Out = Vec<Value>;
+
+    fn run<B: Backend>(self, b: &B) -> Result<Vec<Value>> {
+        let mut sizes = Sizes::for_device(b.peaks().is_some(), self.0.quick);
+        if let Some(n) = self.0.batch {
+            sizes.batch = n.max(1);
+        }
+        run_suite(b, "f32", sizes)
+    }
+}

@@ -1,0 +1,4 @@
+// Stub for emulated builds: everything this header would declare comes from the force-included
+// cuda_emu.h, so `#include <cuda_bf16.h>` in kernel source compiles unchanged under g++.
+#pragma once
+#include <stdint.h>
