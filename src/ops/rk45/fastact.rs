@@ -170,6 +170,23 @@ fn apply_all(
     }
 }
 
+/// `apply_all` compiled for AVX-512 (16-wide vectors).
+///
+/// # Safety
+/// The CPU must support AVX-512F (which brings AVX2 and FMA).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn apply_all_avx512(
+    act: Activation,
+    derivs: Derivs,
+    pre: &[f32],
+    h: &mut [f32],
+    d1: &mut [f32],
+    d2: &mut [f32],
+) {
+    apply_all(act, derivs, pre, h, d1, d2)
+}
+
 /// `apply_all` compiled for AVX2 (8-wide vectors).
 ///
 /// # Safety
@@ -205,6 +222,11 @@ pub(super) fn activate(
     debug_assert!(derivs != Derivs::Second || d2.len() == pre.len());
     #[cfg(target_arch = "x86_64")]
     {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            unsafe { apply_all_avx512(act, derivs, pre, h, d1, d2) };
+            return;
+        }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU supports the features the function is compiled for (checked above).
@@ -249,6 +271,47 @@ mod tests {
         }
         assert!(worst < 5e-7, "relative error {worst:e}");
         assert!(sigmoid(f32::NAN).is_nan());
+    }
+
+    /// The widest path this CPU takes returns the baseline's bits (a NaN's payload aside).
+    #[test]
+    fn every_path_returns_the_same_bits() {
+        let pre: Vec<f32> = grid()
+            .step_by(13)
+            .chain([f32::NAN, 0.0, -0.0, 1e-20])
+            .collect();
+        let n = pre.len();
+        for act in [
+            Activation::Tanh,
+            Activation::Silu,
+            Activation::Softplus,
+            Activation::Relu,
+        ] {
+            let run = |dispatch: bool| {
+                let (mut h, mut d1, mut d2) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+                if dispatch {
+                    activate(act, Derivs::Second, &pre, &mut h, &mut d1, &mut d2);
+                } else {
+                    apply_all(act, Derivs::Second, &pre, &mut h, &mut d1, &mut d2);
+                }
+                let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+                (bits(h), bits(d1), bits(d2))
+            };
+            let (a, b) = (run(true), run(false));
+            for (what, x, y) in [("h", &a.0, &b.0), ("d1", &a.1, &b.1), ("d2", &a.2, &b.2)] {
+                for i in 0..n {
+                    let both_nan = f32::from_bits(x[i]).is_nan() && f32::from_bits(y[i]).is_nan();
+                    if x[i] != y[i] && !both_nan {
+                        panic!(
+                            "{act:?} {what} at {}: {:e} vs {:e}",
+                            pre[i],
+                            f32::from_bits(x[i]),
+                            f32::from_bits(y[i])
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -50,6 +50,37 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// [`dot_portable`] with its 16 partial sums in one 16-wide register: the same operations in
+/// the same order (multiply, then add: no FMA), so the same result.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::{
+        _mm512_add_ps, _mm512_loadu_ps, _mm512_mul_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+    };
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    let mut lanes = [0.0f32; LANES];
+    // SAFETY: every load reads the 16 f32 of one chunk, the store writes the 16 of `lanes`;
+    // AVX-512F is available (the caller's contract).
+    unsafe {
+        let mut acc = _mm512_setzero_ps();
+        for (x, y) in ca.zip(cb) {
+            let p = _mm512_mul_ps(_mm512_loadu_ps(x.as_ptr()), _mm512_loadu_ps(y.as_ptr()));
+            acc = _mm512_add_ps(acc, p);
+        }
+        _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
+    }
+    let mut s = lane_sum(lanes);
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
 /// [`dot_portable`] with its 16 partial sums in two 8-wide registers: the same operations in
 /// the same order (multiply, then add: no FMA), so the same result. LLVM's SLP vectoriser
 /// splits the portable loop into 2-wide pieces, hence the intrinsics.
@@ -141,6 +172,15 @@ fn narrow_body(
 }
 
 /// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn narrow_avx512(c: &mut [f32], a: View, b: View, accumulate: bool) {
+    // SAFETY: this function's own contract (AVX-512F is available).
+    narrow_body(c, a, b, accumulate, |x, y| unsafe { dot_avx512(x, y) })
+}
+
+/// # Safety
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -153,6 +193,11 @@ unsafe fn narrow_avx2(c: &mut [f32], a: View, b: View, accumulate: bool) {
 pub(super) fn matmul_narrow(c: &mut [f32], a: View, b: View, accumulate: bool) {
     #[cfg(target_arch = "x86_64")]
     {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            unsafe { narrow_avx512(c, a, b, accumulate) };
+            return;
+        }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU supports the features the function is compiled for.
@@ -168,6 +213,10 @@ pub(super) fn row_dots(x: &[f32], y: &[f32], width: usize) -> Vec<f32> {
     let rows = x.chunks_exact(width).zip(y.chunks_exact(width));
     #[cfg(target_arch = "x86_64")]
     {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features `dot_avx512` is compiled for.
+            return rows.map(|(a, b)| unsafe { dot_avx512(a, b) }).collect();
+        }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU supports the features `dot_avx2` is compiled for.
@@ -203,6 +252,14 @@ mod tests {
             for n in [0, 5, 16, 64, 70] {
                 // SAFETY: the features were detected.
                 let wide = unsafe { dot_avx2(&a[..n], &b[..n]) };
+                assert_eq!(wide.to_bits(), dot_portable(&a[..n], &b[..n]).to_bits());
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            for n in [0, 5, 16, 64, 70] {
+                // SAFETY: the feature was detected.
+                let wide = unsafe { dot_avx512(&a[..n], &b[..n]) };
                 assert_eq!(wide.to_bits(), dot_portable(&a[..n], &b[..n]).to_bits());
             }
         }

@@ -22,10 +22,10 @@ use crate::backend::cpu::gemm::{View, matmul};
 use crate::nn::mlp::Mlp;
 use crate::tensor::{Shaped, Tensor};
 
-/// Defines `$name` as a dispatcher to a copy of `$body` compiled for AVX2 and FMA (picked at
-/// run time) or the baseline, so that the element-wise loops of a pass use 8-wide vectors where
-/// the CPU has them. Both copies perform the same operations in the same order (Rust never
-/// fuses a multiply and an add on its own), so they return the same bits.
+/// Defines `$name` as a dispatcher to copies of `$body` compiled for AVX-512 and for AVX2 with
+/// FMA (picked at run time) or the baseline, so that the element-wise loops of a pass use the
+/// widest vectors the CPU has. All copies perform the same operations in the same order (Rust
+/// never fuses a multiply and an add on its own), so they return the same bits.
 macro_rules! multiversion {
     ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
         $(#[$doc])*
@@ -34,11 +34,22 @@ macro_rules! multiversion {
             #[cfg(target_arch = "x86_64")]
             {
                 /// # Safety
+                /// The CPU must support AVX-512F.
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn widest($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                /// # Safety
                 /// The CPU must support AVX2 and FMA.
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn wide($($arg: $ty),*) -> $ret {
                     $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features `widest` is compiled for.
+                    return unsafe { widest($($arg),*) };
                 }
                 if std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
