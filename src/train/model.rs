@@ -51,6 +51,9 @@ pub enum Model<B: Backend> {
     Cnf(ScaledCnf<B>),
 }
 
+/// Tensors as they sit in a checkpoint: (name, value).
+type Named = Vec<(String, Tensor)>;
+
 fn corrupt(path: &Path, reason: impl Into<String>) -> Error {
     Error::Checkpoint {
         path: path.to_path_buf(),
@@ -68,9 +71,7 @@ fn write(path: &Path, meta: &ModelMeta, tensors: &[(String, Tensor)]) -> Result<
 }
 
 /// Layer states as metadata (configs, tensor order) and `layers.<i>.<name>` tensors.
-fn layer_parts(
-    states: Vec<LayerState>,
-) -> (Vec<LayerConfig>, Vec<Vec<String>>, Vec<(String, Tensor)>) {
+fn layer_parts(states: Vec<LayerState>) -> (Vec<LayerConfig>, Vec<Vec<String>>, Named) {
     let configs = states.iter().map(|s| s.config.clone()).collect();
     let names = states
         .iter()
@@ -191,7 +192,7 @@ fn layer_states(
     path: &Path,
     meta: &ModelMeta,
     tensors: Vec<(String, Tensor)>,
-) -> Result<(Vec<LayerState>, Vec<(String, Tensor)>)> {
+) -> Result<(Vec<LayerState>, Named)> {
     if meta.tensor_names.len() != meta.layers.len() {
         return Err(corrupt(path, "tensor names do not match the layer list"));
     }
