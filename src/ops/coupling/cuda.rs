@@ -544,3 +544,99 @@ impl<G: GridDevice> CouplingOps for Grid<G> {
         Ok((d_in, grads))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::mlp::Activation;
+    use crate::rng::Rng;
+    use crate::tensor::Tensor;
+
+    fn layout(widths: &[usize]) -> NetLayout {
+        let net: Mlp<Tensor> = Mlp::new(widths, Activation::Relu, &mut Rng::new(1)).unwrap();
+        NetLayout::new(&net)
+    }
+
+    /// (tm, resident, ks) of a plan.
+    fn shape(p: Option<Plan>) -> Option<(usize, bool, usize)> {
+        p.map(|p| (p.tm, p.resident, p.ks))
+    }
+
+    fn forward(widths: &[usize]) -> Option<(usize, bool, usize)> {
+        shape(plan_forward(&layout(widths), Precision::F32))
+    }
+
+    fn backward(widths: &[usize]) -> Option<(usize, bool, usize)> {
+        shape(plan_f32(&layout(widths), NetLayout::bwd_f32_len))
+    }
+
+    #[test]
+    fn padding_and_chunks() {
+        assert_eq!(
+            [1, 32, 33, 64, 65, 128, 129, 256, 257, 600].map(pad),
+            [32, 32, 64, 64, 128, 128, 256, 256, 512, 768]
+        );
+        assert_eq!([32, 64, 128, 256, 512].map(chunk), [32, 64, 128, 256, 256]);
+    }
+
+    /// The widths of tests/parity_coupling.rs reach every plan they claim to.
+    #[test]
+    fn plans_of_the_parity_widths() {
+        // SMALL: resident, 64-row tiles both ways.
+        assert_eq!(forward(&[2, 24, 17, 9]), Some((64, true, KS)));
+        assert_eq!(backward(&[2, 24, 17, 9]), Some((64, true, KS)));
+        // MEDIUM: resident forward, streamed 64-row backward.
+        assert_eq!(forward(&[3, 128, 128, 8]), Some((64, true, KS)));
+        assert_eq!(backward(&[3, 128, 128, 8]), Some((64, false, KS)));
+        // STREAMED and DEEP: streamed forward, streamed 32-row backward.
+        assert_eq!(forward(&[4, 200, 160, 10]), Some((64, false, KS)));
+        assert_eq!(backward(&[4, 200, 160, 10]), Some((32, false, KS)));
+        assert_eq!(forward(&[2, 256, 256, 256, 3]), Some((64, false, KS)));
+        assert_eq!(backward(&[2, 256, 256, 256, 3]), Some((32, false, KS)));
+        // WIDE: 32-row forward, 16-row backward.
+        assert_eq!(forward(&[2, 512, 400, 4]), Some((32, false, KS)));
+        assert_eq!(backward(&[2, 512, 400, 4]), Some((16, false, KS)));
+        // Four layers of 512: only 16-row tiles with 8-deep slices fit the backward.
+        assert_eq!(backward(&[2, 512, 512, 512, 4]), Some((16, false, KS / 2)));
+        // Too wide for any tile.
+        assert_eq!(backward(&[2, 1024, 1024, 1024, 4]), None);
+    }
+
+    #[test]
+    fn bf16_plans() {
+        let p = plan_forward(&layout(&[2, 64, 64, 6]), Precision::Bf16).unwrap();
+        assert!(p.bf16 && p.resident);
+        let p = plan_forward(&layout(&[4, 256, 256, 10]), Precision::Bf16).unwrap();
+        assert!(p.bf16 && !p.resident);
+        // The benchmark's conditioner (D = 64, hidden 256).
+        let p = plan_forward(&layout(&[32, 256, 256, 64]), Precision::Bf16).unwrap();
+        assert!(p.bf16 && !p.resident);
+        // Too wide for 64-row bf16 tiles: the f32 kernel takes it.
+        let p = plan_forward(&layout(&[2, 1024, 4]), Precision::Bf16).unwrap();
+        assert!(!p.bf16);
+    }
+
+    #[test]
+    fn every_plan_fits_and_fills_the_gpu() {
+        for widths in [
+            &[2usize, 24, 17, 9][..],
+            &[32, 256, 256, 64],
+            &[1, 64, 64, 2],
+        ] {
+            let lay = layout(widths);
+            for p in [
+                plan_forward(&lay, Precision::F32),
+                plan_forward(&lay, Precision::Bf16),
+                plan_f32(&lay, NetLayout::bwd_f32_len),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                assert!(p.smem_bytes() <= SMEM_LIMIT);
+                assert_eq!(p.blocks(1), 1);
+                let many = p.blocks(1 << 20);
+                assert!((FILL_SMS..=8 * FILL_SMS).contains(&many), "{p:?}: {many}");
+            }
+        }
+    }
+}
