@@ -162,26 +162,74 @@ FF_DEVICE int cp_fwd_act_len(const CpNet& net, int tm) {
     return max(net.hmax * (tm + 4), tm * ldp);
 }
 
+// Resident weights of layer l: W (kp rows of np + 4), b (np), and for the backward W^T (np rows
+// of kp + 4); the padded rows keep the tensor-core fragment loads free of bank conflicts.
+FF_DEVICE int cp_resident_layer_len(const CpNet& net, int l, bool with_transpose) {
+    const int kp = net.kp[l], np = net.np[l];
+    return kp * (np + 4) + np + (with_transpose ? np * (kp + 4) : 0);
+}
+
 FF_DEVICE int cp_resident_len(const CpNet& net, bool with_transpose) {
     int len = 0;
-    for (int l = 0; l < net.layers; ++l) len += (with_transpose ? 2 : 1) * net.kp[l] * net.np[l] + net.np[l];
+    for (int l = 0; l < net.layers; ++l) len += cp_resident_layer_len(net, l, with_transpose);
     return len;
 }
 
-// Copies layer l's packed W and b (and W^T when asked) into shared memory, all layers back to
-// back; returns nothing, offsets follow cp_resident_len's order.
+FF_DEVICE int cp_stage_len(const CpNet& net, int ks) { return 2 * ks * cp_stage_ld(cp_chunk(net.hmax)); }
+
+// Copies every layer's packed W, b (and W^T) into shared memory with padded rows.
 FF_DEVICE void cp_load_resident(float* dst, const float* __restrict__ packed, const CpNet& net,
                                 bool with_transpose) {
-    int at = 0;
     for (int l = 0; l < net.layers; ++l) {
-        const int len = (with_transpose ? 2 : 1) * net.kp[l] * net.np[l] + net.np[l];
-        // W then b are contiguous in the packed buffer, and W^T follows b.
-        const float4* src = reinterpret_cast<const float4*>(packed + net.off_w[l]);
-        float4* d = reinterpret_cast<float4*>(dst + at);
-        for (int i = threadIdx.x; i < len / 4; i += CP_THREADS) d[i] = src[i];
-        at += len;
+        const int kp = net.kp[l], np = net.np[l];
+        const int parts = with_transpose ? 3 : 2;
+        for (int part = 0; part < parts; ++part) {
+            // (rows, columns) of W, b, W^T and where they come from and go to.
+            const int rows = part == 0 ? kp : part == 1 ? 1 : np;
+            const int cols = part == 0 ? np : part == 1 ? np : kp;
+            const int ld = part == 1 ? np : cols + 4;
+            const float* src = packed + (part == 0 ? net.off_w[l] : part == 1 ? net.off_b[l] : net.off_wt[l]);
+            float* d = dst + (part == 0 ? 0 : part == 1 ? kp * (np + 4) : kp * (np + 4) + np);
+            const int vpr = cols / 4;
+            for (int i = threadIdx.x; i < rows * vpr; i += CP_THREADS) {
+                const int r = i / vpr, c = (i % vpr) * 4;
+                *reinterpret_cast<float4*>(d + r * ld + c) = *reinterpret_cast<const float4*>(src + r * cols + c);
+            }
+        }
+        dst += cp_resident_layer_len(net, l, with_transpose);
     }
     __syncthreads();
+}
+
+// Layer l's operands: W (ldw), b, W^T (ldwt), resident in shared memory or the packed global
+// buffer.
+struct CpLayerPtrs {
+    const float* w;
+    const float* b;
+    const float* wt;
+    int ldw, ldwt;
+};
+
+FF_DEVICE CpLayerPtrs cp_layer_ptrs(const CpNet& net, int l, bool resident, bool with_transpose,
+                                    const float* wsm, const float* packed) {
+    const int kp = net.kp[l], np = net.np[l];
+    CpLayerPtrs p;
+    if (resident) {
+        int at = 0;
+        for (int i = 0; i < l; ++i) at += cp_resident_layer_len(net, i, with_transpose);
+        p.w = wsm + at;
+        p.b = p.w + kp * (np + 4);
+        p.wt = p.b + np;
+        p.ldw = np + 4;
+        p.ldwt = kp + 4;
+    } else {
+        p.w = packed + net.off_w[l];
+        p.b = packed + net.off_b[l];
+        p.wt = packed + net.off_wt[l];
+        p.ldw = np;
+        p.ldwt = kp;
+    }
+    return p;
 }
 
 extern "C" __global__ void __launch_bounds__(CP_THREADS, 1)
@@ -196,7 +244,7 @@ coupling_fwd_f32(const float* __restrict__ x, float* __restrict__ y, float* __re
     const int tms = tm + 4;
     const int ldp = net.np[L - 1] + 4;
     const int act_len = cp_fwd_act_len(net, tm);
-    const int need = 2 * act_len + (resident ? cp_resident_len(net, false) : 2 * ks * cp_chunk(net.hmax));
+    const int need = 2 * act_len + (resident ? cp_resident_len(net, false) : cp_stage_len(net, ks));
     if ((long long)need * 4 > smem_bytes) {
         // Host and kernel disagree about the plan: report it rather than run past the buffer.
         if (threadIdx.x == 0) cp_flag(status, CP_ST_LAYOUT, need);
@@ -220,10 +268,11 @@ coupling_fwd_f32(const float* __restrict__ x, float* __restrict__ y, float* __re
         const int valid = (int)min((long long)tm, rows - row0);
         cp_load_copied(buf[0], tms, tm, net.kp[0], x, rw, row0, valid, status);
         __syncthreads();
-        int cur = 0, roff = 0;
+        int cur = 0;
         for (int l = 0; l < L; ++l) {
             const bool last = l + 1 == L;
             const int kp = net.kp[l], np = net.np[l];
+            const CpLayerPtrs w = cp_layer_ptrs(net, l, resident != 0, false, wsm, packed);
             CpGemm g;
             g.rows = tm;
             g.cols = np;
@@ -231,17 +280,10 @@ coupling_fwd_f32(const float* __restrict__ x, float* __restrict__ y, float* __re
             g.a = buf[cur];
             g.a_red = tms;
             g.a_row = 1;
-            if (resident) {
-                g.b = wsm + roff;
-                g.bias = wsm + roff + kp * np;
-                g.staged = 0;
-                roff += kp * np + np;
-            } else {
-                g.b = packed + net.off_w[l];
-                g.bias = packed + net.off_b[l];
-                g.staged = 1;
-            }
-            g.ldb = np;
+            g.b = w.w;
+            g.bias = w.b;
+            g.staged = !resident;
+            g.ldb = w.ldw;
             g.stage = wsm;
             g.ks = ks;
             g.epi = last ? CP_EPI_ROW : CP_EPI_T;
@@ -283,7 +325,7 @@ FF_DEVICE int cp_bwd_len(const CpNet& net, int tm, bool resident, int ks) {
     int len = net.kp[0] * tms;
     for (int l = 1; l < net.layers; ++l) len += net.np[l - 1] * tms;
     len += 2 * cp_bwd_zlen(net, tm);
-    len += resident ? cp_resident_len(net, true) : 2 * ks * cp_chunk(net.hmax);
+    len += resident ? cp_resident_len(net, true) : cp_stage_len(net, ks);
     return len;
 }
 
@@ -316,31 +358,6 @@ FF_DEVICE void cp_transform_tile_backward(const CpTransform& t, const CpRows& rw
     }
 }
 
-// Layer l's operand pointers: resident in shared memory (W, b, W^T back to back per layer) or
-// the packed global buffer.
-struct CpLayerPtrs {
-    const float* w;
-    const float* b;
-    const float* wt;
-};
-
-FF_DEVICE CpLayerPtrs cp_layer_ptrs(const CpNet& net, int l, bool resident, const float* wsm,
-                                    const float* packed) {
-    CpLayerPtrs p;
-    if (resident) {
-        int at = 0;
-        for (int i = 0; i < l; ++i) at += 2 * net.kp[i] * net.np[i] + net.np[i];
-        p.w = wsm + at;
-        p.b = p.w + net.kp[l] * net.np[l];
-        p.wt = p.b + net.np[l];
-    } else {
-        p.w = packed + net.off_w[l];
-        p.b = packed + net.off_b[l];
-        p.wt = packed + net.off_wt[l];
-    }
-    return p;
-}
-
 // The start of hidden layer l's pre-activation buffer z_l (l >= 1).
 FF_DEVICE float* cp_zbuf(float* first, const CpNet& net, int tms, int l) {
     float* p = first;
@@ -348,20 +365,29 @@ FF_DEVICE float* cp_zbuf(float* first, const CpNet& net, int tms, int l) {
     return p;
 }
 
-extern "C" __global__ void __launch_bounds__(CP_THREADS, 1)
-coupling_bwd_f32(const float* __restrict__ x, const float* __restrict__ d_out, const float* __restrict__ d_logdet,
-                 float* __restrict__ d_in, float* __restrict__ partial, const float* __restrict__ packed,
-                 long long* status, int rows, int dim, int copied_upper, int kind, int dir, float hp, int bins,
-                 float dshift, int layers, int act, int n0, int n1, int n2, int n3, int n4, int tm, int resident,
-                 int ks, int smem_bytes) {
-    __shared__ CpNet net;
-    if (threadIdx.x == 0) cp_net_init(&net, layers, act, n0, n1, n2, n3, n4);
-    __syncthreads();
+// The products of the backward: f32 FMAs, or (MMA) bf16 tensor cores with f32 accumulation.
+template <bool MMA>
+FF_DEVICE void cp_bgemm(const CpGemm& g) {
+    if constexpr (MMA) {
+        cp_gemm_mma(g);
+    } else {
+        cp_gemm(g);
+    }
+}
+
+template <bool MMA>
+FF_DEVICE void cp_backward(const CpNet& net, const float* __restrict__ x, const float* __restrict__ d_out,
+                           const float* __restrict__ d_logdet, float* __restrict__ d_in,
+                           float* __restrict__ partial, const float* __restrict__ packed, long long* status,
+                           int rows, int dim, int copied_upper, int kind, int dir, float hp, int bins, float dshift,
+                           int tm, int resident, int ks, int smem_bytes) {
     const int L = net.layers;
     const int tms = tm + 4;
     const int ldz = net.hmax + 4;
     const int need = cp_bwd_len(net, tm, resident != 0, ks);
-    if ((long long)need * 4 > smem_bytes) {
+    // The tensor-core engine takes 32-row multiples and 16-deep slices (the host plans so).
+    const bool shape_ok = !MMA || (tm % 32 == 0 && ks % 16 == 0);
+    if ((long long)need * 4 > smem_bytes || !shape_ok) {
         if (threadIdx.x == 0) cp_flag(status, CP_ST_LAYOUT, need);
         return;
     }
@@ -396,7 +422,7 @@ coupling_bwd_f32(const float* __restrict__ x, const float* __restrict__ d_out, c
         for (int l = 0; l < L; ++l) {
             const bool last = l + 1 == L;
             const int kp = net.kp[l], np = net.np[l];
-            const CpLayerPtrs w = cp_layer_ptrs(net, l, resident != 0, wsm, packed);
+            const CpLayerPtrs w = cp_layer_ptrs(net, l, resident != 0, true, wsm, packed);
             float* z = cp_zbuf(z1, net, tms, l + 1);
             CpGemm g;
             g.rows = tm;
@@ -408,7 +434,7 @@ coupling_bwd_f32(const float* __restrict__ x, const float* __restrict__ d_out, c
             g.staged = !resident;
             g.b = w.w;
             g.bias = w.b;
-            g.ldb = np;
+            g.ldb = w.ldw;
             g.stage = wsm;
             g.ks = ks;
             g.epi = last ? CP_EPI_ROW : CP_EPI_T;
@@ -417,7 +443,7 @@ coupling_bwd_f32(const float* __restrict__ x, const float* __restrict__ d_out, c
             g.ldo = last ? ldz : tms;
             g.gate = nullptr;
             g.ldgate = 0;
-            cp_gemm(g);
+            cp_bgemm<MMA>(g);
             if (!last) {
                 for (int i = threadIdx.x; i < np * tm; i += CP_THREADS) {
                     const int k = i / tm, m = i % tm;
@@ -437,7 +463,7 @@ coupling_bwd_f32(const float* __restrict__ x, const float* __restrict__ d_out, c
         float* other = Z0;  // free: receives act'(z_l), then dZ_l in place
         for (int l = L - 1; l >= 0; --l) {
             const int kp = net.kp[l], np = net.np[l];
-            const CpLayerPtrs w = cp_layer_ptrs(net, l, resident != 0, wsm, packed);
+            const CpLayerPtrs w = cp_layer_ptrs(net, l, resident != 0, true, wsm, packed);
             float* z = l >= 1 ? cp_zbuf(z1, net, tms, l) : nullptr;
             // db_l: column sums of dZ over the tile (threads over columns, a short f32 sum).
             float* pb = my_partial + net.goff_b[l];
@@ -476,7 +502,7 @@ coupling_bwd_f32(const float* __restrict__ x, const float* __restrict__ d_out, c
                 g.ldo = np;
                 g.gate = nullptr;
                 g.ldgate = 0;
-                cp_gemm(g);
+                cp_bgemm<MMA>(g);
             }
             {
                 // dZ_l = (dZ W_l^T) * act'(z_l), in place over act'(z_l); the input layer's
@@ -490,7 +516,7 @@ coupling_bwd_f32(const float* __restrict__ x, const float* __restrict__ d_out, c
                 g.a_row = ldz;
                 g.staged = !resident;
                 g.b = w.wt;
-                g.ldb = kp;
+                g.ldb = w.ldwt;
                 g.stage = wsm;
                 g.ks = ks;
                 g.epi = CP_EPI_GATE;
@@ -500,7 +526,7 @@ coupling_bwd_f32(const float* __restrict__ x, const float* __restrict__ d_out, c
                 g.ldo = ldz;
                 g.gate = l >= 1 ? other : nullptr;
                 g.ldgate = ldz;
-                cp_gemm(g);
+                cp_bgemm<MMA>(g);
             }
             float* t = dz;
             dz = other;
@@ -520,6 +546,24 @@ coupling_bwd_f32(const float* __restrict__ x, const float* __restrict__ d_out, c
         __syncthreads();
     }
 }
+
+#define CP_BWD_KERNEL(NAME, MMA)                                                                      \
+    extern "C" __global__ void __launch_bounds__(CP_THREADS, 1)                                      \
+    NAME(const float* __restrict__ x, const float* __restrict__ d_out, const float* __restrict__ d_logdet, \
+         float* __restrict__ d_in, float* __restrict__ partial, const float* __restrict__ packed,      \
+         long long* status, int rows, int dim, int copied_upper, int kind, int dir, float hp, int bins,  \
+         float dshift, int layers, int act, int n0, int n1, int n2, int n3, int n4, int tm, int resident, \
+         int ks, int smem_bytes) {                                                                     \
+        __shared__ CpNet net;                                                                          \
+        if (threadIdx.x == 0) cp_net_init(&net, layers, act, n0, n1, n2, n3, n4);                      \
+        __syncthreads();                                                                               \
+        cp_backward<MMA>(net, x, d_out, d_logdet, d_in, partial, packed, status, rows, dim, copied_upper, \
+                         kind, dir, hp, bins, dshift, tm, resident, ks, smem_bytes);                   \
+    }
+
+CP_BWD_KERNEL(coupling_bwd_f32, false)
+// Precision::Bf16: the same backward with its products on tensor cores (coupling_mma.cuh).
+CP_BWD_KERNEL(coupling_bwd_bf16, true)
 
 // Sums the per-block gradient partials in block order (f64) into the conditioner's gradient
 // tensors, dropping the padding.

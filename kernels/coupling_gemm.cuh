@@ -34,7 +34,7 @@ struct CpGemm {
     int a_red, a_row;
     const float* b;  // B(r, n) = b[r * ldb + n]
     int ldb;
-    int staged;      // b is in global memory: stream it through `stage` (2 * ks * 256 floats)
+    int staged;      // b is in global memory: stream it through `stage` (2 * ks * (256 + 4))
     float* stage;
     int ks;
     int epi;
@@ -85,7 +85,8 @@ FF_DEVICE void cp_mac(float (&acc)[RM][8], const float* __restrict__ a, int a_re
 }
 
 // One slice (ks rows x nc columns starting at (k0, c0)) of a global row-major matrix: which
-// float4 each thread moves. Float4 q of the slice lands at stage[4 q].
+// float4 each thread moves. The stage keeps rows nc + 4 apart (cp_stage_ld), so that the
+// tensor-core engine's fragment loads (8 columns x 4 row pairs) hit distinct banks.
 FF_DEVICE void cp_stage_load(float4 (&pre)[CP_STAGE_VEC], const float* __restrict__ g, int ldg, int k0, int c0,
                              int nc, int per) {
     const int vpr = nc / 4;
@@ -99,11 +100,14 @@ FF_DEVICE void cp_stage_load(float4 (&pre)[CP_STAGE_VEC], const float* __restric
     }
 }
 
-FF_DEVICE void cp_stage_store(const float4 (&pre)[CP_STAGE_VEC], float* stage, int per) {
+FF_DEVICE int cp_stage_ld(int nc) { return nc + 4; }
+
+FF_DEVICE void cp_stage_store(const float4 (&pre)[CP_STAGE_VEC], float* stage, int per, int nc) {
+    const int vpr = nc / 4, ld = cp_stage_ld(nc);
 #pragma unroll
     for (int i = 0; i < CP_STAGE_VEC; ++i) {
         const int q = threadIdx.x + i * CP_THREADS;
-        if (q < per) reinterpret_cast<float4*>(stage)[q] = pre[i];
+        if (q < per) *reinterpret_cast<float4*>(stage + (q / vpr) * ld + (q % vpr) * 4) = pre[i];
     }
 }
 
@@ -185,16 +189,17 @@ FF_DEVICE void cp_gemm_run(const CpGemm& g) {
             if (g.staged) {
                 const int slices = g.red / g.ks;
                 float4 pre[CP_STAGE_VEC];
+                const int lds = cp_stage_ld(nc);
                 cp_stage_load(pre, g.b, g.ldb, 0, c0, nc, per);
-                cp_stage_store(pre, g.stage, per);
+                cp_stage_store(pre, g.stage, per, nc);
                 __syncthreads();
                 for (int s = 0; s < slices; ++s) {
                     const bool more = s + 1 < slices;
                     if (more) cp_stage_load(pre, g.b, g.ldb, (s + 1) * g.ks, c0, nc, per);
                     if (active)
                         cp_mac<RM, ACONT>(acc, a + s * g.ks * g.a_red, g.a_red, g.a_row,
-                                          g.stage + (s & 1) * g.ks * nc, nc, g.ks, n0, n1);
-                    if (more) cp_stage_store(pre, g.stage + ((s + 1) & 1) * g.ks * nc, per);
+                                          g.stage + (s & 1) * g.ks * lds, lds, g.ks, n0, n1);
+                    if (more) cp_stage_store(pre, g.stage + ((s + 1) & 1) * g.ks * lds, per, nc);
                     // The slice just computed is overwritten two iterations on; the one stored
                     // now is read in the next: one barrier covers both.
                     __syncthreads();

@@ -5,9 +5,9 @@
 //! conditioner's tensors into one zero-padded buffer (and checks them for non-finite values),
 //! then `coupling_fwd_f32` (or, at [`Precision::Bf16`], `coupling_pack_bf16` +
 //! `coupling_fwd_bf16`) runs the MLP, the transform and the log-det per row tile in one pass.
-//! The backward is the pack, `coupling_bwd_f32` (per-block gradient partials, no atomics) and
-//! `coupling_grad_reduce_f32` (sums the partials in block order), so gradients are bitwise
-//! reproducible for a given batch size.
+//! The backward is the pack, `coupling_bwd_f32` or, at bf16, `coupling_bwd_bf16` (per-block
+//! gradient partials, no atomics) and `coupling_grad_reduce_f32` (sums the partials in block
+//! order), so gradients are bitwise reproducible for a given batch size.
 //!
 //! Every kernel records the first non-finite input, parameter or result in a small status
 //! buffer, which is read back after the launches and turned into the same errors as the CPU
@@ -109,16 +109,20 @@ impl NetLayout {
         self.kp.len()
     }
 
-    /// Resident weights in floats: W, b (and W^T) of every layer.
+    /// Resident weights in floats (cp_resident_len): W (rows of np + 4), b (and W^T, rows of
+    /// kp + 4) of every layer.
     fn resident_len(&self, with_transpose: bool) -> usize {
-        let t = if with_transpose { 2 } else { 1 };
         (0..self.layers())
-            .map(|l| t * self.kp[l] * self.np[l] + self.np[l])
+            .map(|l| {
+                let (kp, np) = (self.kp[l], self.np[l]);
+                kp * (np + 4) + np + if with_transpose { np * (kp + 4) } else { 0 }
+            })
             .sum()
     }
 
+    /// Two k-slices of streamed weights, rows padded by 4 (cp_stage_len).
     fn stage_len(&self, ks: usize) -> usize {
-        2 * ks * chunk(self.hmax)
+        2 * ks * (chunk(self.hmax) + 4)
     }
 
     /// coupling_fwd_f32's shared memory in floats (cp_fwd_act_len and the weights).
@@ -521,7 +525,14 @@ impl<G: GridDevice> CouplingOps for Grid<G> {
             KArg::I32(plan.ks as i32),
             KArg::I32(dim_i32(OP_BACKWARD, plan.smem_bytes())?),
         ]);
-        self.launch("coupling_bwd_f32", plan.launch_cfg(rows), &args)?;
+        // At bf16 precision the same backward runs its products on tensor cores, where its
+        // tiles allow (32-row multiples, 16-deep weight slices); 16-row plans stay f32.
+        let kernel = if self.precision == Precision::Bf16 && plan.tm % 32 == 0 && plan.ks == KS {
+            "coupling_bwd_bf16"
+        } else {
+            "coupling_bwd_f32"
+        };
+        self.launch(kernel, plan.launch_cfg(rows), &args)?;
 
         let grads = net.try_map(|t| self.alloc_mat(t.rows(), t.cols()))?;
         let mut args = vec![
