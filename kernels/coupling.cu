@@ -4,16 +4,18 @@
 // gradients per block) in another, with a deterministic reduction launch after it.
 //
 // Launch sequence (src/ops/coupling/cuda.rs):
-//   coupling_pack_f32 / coupling_pack_bf16   the conditioner's tensors -> one zero-padded buffer
-//   coupling_fwd_f32 / coupling_fwd_bf16     forward or inverse of the layer
-//   coupling_bwd_f32 + coupling_grad_reduce_f32
+//   coupling_pack_f32 (+ coupling_pack_bf16)   the conditioner's tensors -> zero-padded buffers
+//   coupling_fwd_f32 / coupling_fwd_bf16       forward or inverse of the layer
+//   coupling_bwd_f32 / coupling_bwd_bf16 + coupling_grad_reduce_f32
 // Every kernel reports non-finite inputs, parameters and results through `status` (see
 // coupling_layout.cuh) instead of returning NaN silently.
 //
-// Row tiles of TM = 64 (or 32 when shared memory is short) rows live in shared memory from the
-// copied half to the log-det: activations never return to global memory between layers.
+// Row tiles of TM = 64 rows (32 or 16 when shared memory is short) live in shared memory from
+// the copied half to the log-det: activations never return to global memory between layers.
 // Weights are either resident in shared memory for the whole (persistent, grid-stride) block,
 // or, when they do not fit, streamed through it in k-slices for every tile (coupling_gemm.cuh).
+// Blocks are 256 threads with __launch_bounds__(256, 1): the register micro-tiles (64 f32
+// accumulators per thread at the widest) may use up to 255 registers without spilling.
 #include "common.cuh"
 #include "coupling_layout.cuh"
 #include "coupling_transform.cuh"
@@ -155,7 +157,8 @@ coupling_pack_f32(const float* __restrict__ w0, const float* __restrict__ b0, co
 //
 // Shared memory (floats): two activation buffers of max(hmax * TMS, TM * ldp) (TMS = TM + 4:
 // transposed tiles, the +4 keeps float4 alignment and spreads the columns of the dW product over
-// banks), then either the resident weights (W, b per layer) or two k-slice stages of ks x 256.
+// banks), then either the resident weights (W, b per layer) or two k-slice stages of
+// ks x (256 + 4).
 
 FF_DEVICE int cp_fwd_act_len(const CpNet& net, int tm) {
     const int ldp = net.np[net.layers - 1] + 4;
@@ -262,7 +265,7 @@ coupling_fwd_f32(const float* __restrict__ x, float* __restrict__ y, float* __re
     tf.hp = hp;
     tf.dshift = dshift;
 
-    const int tiles = (rows + tm - 1) / tm;
+    const int tiles = (int)(((long long)rows + tm - 1) / tm);
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const long long row0 = (long long)tile * tm;
         const int valid = (int)min((long long)tm, rows - row0);
@@ -314,7 +317,7 @@ coupling_fwd_f32(const float* __restrict__ x, float* __restrict__ y, float* __re
 //
 // Shared memory (floats): xa (kp0 x TMS), z_1..z_{L-1} (np_{l-1} x TMS), Z0, Z1 (each
 // max(TM x ldz, hidden_max x TMS), ldz = hmax + 4), then resident W, b, W^T per layer or two
-// ks x 256 stages.
+// ks x (256 + 4) stages.
 
 FF_DEVICE int cp_bwd_zlen(const CpNet& net, int tm) {
     return max(tm * (net.hmax + 4), net.hidden_max * (tm + 4));
@@ -410,7 +413,7 @@ FF_DEVICE void cp_backward(const CpNet& net, const float* __restrict__ x, const 
     tf.dshift = dshift;
     const int actc = net.act;
 
-    const int tiles = (rows + tm - 1) / tm;
+    const int tiles = (int)(((long long)rows + tm - 1) / tm);
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const long long row0 = (long long)tile * tm;
         const int valid = (int)min((long long)tm, rows - row0);
@@ -693,7 +696,7 @@ coupling_fwd_bf16(const float* __restrict__ x, float* __restrict__ y, float* __r
     tf.hp = hp;
     tf.dshift = dshift;
 
-    const int tiles = (rows + tm - 1) / tm;
+    const int tiles = (int)(((long long)rows + tm - 1) / tm);
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const long long row0 = (long long)tile * tm;
         const int valid = (int)min((long long)tm, rows - row0);
