@@ -93,7 +93,8 @@ pub struct CudaGrid {
     _ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: Vec<(LoadedFamily, Arc<CudaModule>)>,
-    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    /// Loaded functions, and whether their dynamic shared-memory limit has been raised.
+    functions: Mutex<HashMap<&'static str, (CudaFunction, bool)>>,
     description: String,
 }
 
@@ -157,24 +158,29 @@ impl CudaGrid {
             op: "kernel cache".into(),
             reason: "poisoned lock".into(),
         })?;
-        if let Some(f) = cache.get(name) {
-            return Ok(f.clone());
+        if !cache.contains_key(name) {
+            let f = self
+                .modules
+                .iter()
+                .find_map(|(_, m)| m.load_function(name).ok())
+                .ok_or_else(|| {
+                    Error::NoKernelImage(format!("kernel {name} is in no loaded module"))
+                })?;
+            cache.insert(name, (f, false));
         }
-        let f = self
-            .modules
-            .iter()
-            .find_map(|(_, m)| m.load_function(name).ok())
-            .ok_or_else(|| Error::NoKernelImage(format!("kernel {name} is in no loaded module")))?;
-        if smem > DEFAULT_SMEM_LIMIT {
+        let (f, raised) = cache.get_mut(name).expect("inserted above");
+        // The first launch that needs more than 48 KiB raises the limit, also when earlier
+        // launches of the same kernel (smaller tiles) did not.
+        if smem > DEFAULT_SMEM_LIMIT && !*raised {
             // Large tiles opt in to the full shared memory of the SM (227 KiB on Hopper).
             f.set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 227 * 1024,
             )
             .map_err(|e| driver_err(name, e))?;
+            *raised = true;
         }
-        cache.insert(name, f.clone());
-        Ok(f)
+        Ok(f.clone())
     }
 }
 
