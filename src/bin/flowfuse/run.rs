@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 
 use crate::args::{BenchArgs, Cli, Command, EvalArgs, SampleArgs, TrainArgs};
 use crate::bench::{Sizes, run_suite};
-use crate::device::{OnBackend, dispatch};
+use crate::device::{OnBackend, Resolved, dispatch, resolve};
+use flowfuse::backend::grid::Precision;
 use crate::figures::{cnf_figures, flow_figures};
 use flowfuse::backend::cuda;
 use flowfuse::cnf::{Cnf, CnfConfig, Objective, ScaledCnf};
@@ -45,8 +46,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(a) => {
-            let device = a.device.clone();
-            for line in dispatch(&device, BenchJob(a))? {
+            for line in bench(a)? {
                 println!("{line}");
             }
             Ok(())
@@ -286,17 +286,23 @@ fn output_writer(path: &Path) -> Result<Writer> {
     }
 }
 
-struct BenchJob(BenchArgs);
-
-impl OnBackend for BenchJob {
-    type Out = Vec<Value>;
-
-    fn run<B: Backend>(self, b: &B) -> Result<Vec<Value>> {
-        let mut sizes = Sizes::for_device(b.peaks().is_some(), self.0.quick);
-        if let Some(n) = self.0.batch {
-            sizes.batch = n.max(1);
+/// The bench suite on the chosen device; on a GPU once in f32 and once with bf16 tensor cores.
+fn bench(a: BenchArgs) -> Result<Vec<Value>> {
+    let sizes = |gpu: bool| {
+        let mut s = Sizes::for_device(gpu, a.quick);
+        if let Some(n) = a.batch {
+            s.batch = n.max(1);
         }
-        run_suite(b, "f32", sizes)
+        s
+    };
+    match resolve(&a.device)? {
+        Resolved::Cpu => run_suite(&flowfuse::Cpu, "f32", sizes(false)),
+        Resolved::Cuda(c) => {
+            let mut lines = run_suite(c.as_ref(), "f32", sizes(true))?;
+            let bf16 = c.with_precision(Precision::Bf16);
+            lines.extend(run_suite(&bf16, "bf16", sizes(true))?);
+            Ok(lines)
+        }
     }
 }
 
