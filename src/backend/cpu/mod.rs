@@ -1,8 +1,13 @@
 //! The CPU backend: the reference implementation of every op. Written for clarity first;
-//! fast through a SIMD GEMM and threads over chunks of the batch.
+//! fast through register-blocked SIMD kernels (`kernel`, on the lanes of `simd`), a general
+//! GEMM for other shapes (`gemm`), per-thread scratch buffers (`scratch`) and threads over
+//! chunks of the batch.
 
 pub mod gemm;
+pub mod kernel;
 pub mod mlp;
+pub mod scratch;
+pub mod simd;
 pub mod vmath;
 
 use std::ops::Range;

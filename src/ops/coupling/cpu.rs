@@ -1,11 +1,13 @@
 //! Reference coupling op: the conditioner MLP on the copied half, the coupling transform of the
 //! other half and the per-row log-determinant in one call (eq. 18.10–18.14), plus its backward.
 //!
-//! The batch is split into blocks of [`CHUNK_ROWS`] rows run in parallel (the chunking of
-//! `par_row_chunks`, but each block writes straight into its rows of the result, so nothing is
-//! concatenated afterwards). A block gathers its copied half, runs the MLP through the host
-//! GEMM and transforms its rows in place. Parameter gradients are summed over blocks in block
-//! order, so results do not depend on thread timing.
+//! The batch is split into chunks of [`CHUNK_ROWS`] rows run in parallel, each writing straight
+//! into its rows of the results. A chunk goes through in tiles of [`TILE_ROWS`] rows: the
+//! conditioner reads the tile's copied half where it lies (strided, no gather), its activations
+//! stay in L1 (`backend::cpu::mlp`), and the tile's output rows are written once. The backward
+//! recomputes a tile's activations and runs the conditioner's backward on them right away,
+//! adding dW into the chunk's accumulators. Parameter gradients are summed over chunks in
+//! chunk order, so results do not depend on thread timing or count.
 
 mod affine;
 mod spline;
@@ -17,7 +19,9 @@ use spline::RqSpline;
 
 use super::{CouplingKind, CouplingOps, CouplingSpec};
 use crate::backend::Cpu;
-use crate::backend::cpu::{CHUNK_ROWS, mlp};
+use crate::backend::cpu::CHUNK_ROWS;
+use crate::backend::cpu::mlp::{Grads, PackedMlp, TILE_ROWS};
+use crate::backend::cpu::scratch::Scratch;
 use crate::error::{Error, Result};
 use crate::nn::mlp::Mlp;
 use crate::ops::Direction;
@@ -35,17 +39,24 @@ impl CouplingOps for Cpu {
         dir: Direction,
     ) -> Result<(Tensor, Tensor)> {
         validate(OP, spec, net, input)?;
-        let rows = input.rows();
-        // The copied half of the output is the input itself; blocks transform the rest in place.
-        let mut out = input.clone();
-        let blocks = par_row_blocks(out.data_mut(), spec.dim, |r, block| {
-            forward_block(spec, net, block, r, dir)
-        });
-        let mut logdet = Vec::with_capacity(rows);
-        for b in blocks {
-            logdet.extend_from_slice(&b?);
-        }
-        Ok((out, Tensor::from_vec(rows, 1, logdet)?))
+        let (rows, d) = (input.rows(), spec.dim);
+        let mlp = PackedMlp::new(net, false);
+        let mut out = Tensor::zeros(rows, d);
+        let mut logdet = Tensor::zeros(rows, 1);
+        let x = input.data();
+        let chunks: Vec<Result<()>> = out
+            .data_mut()
+            .par_chunks_mut(CHUNK_ROWS * d)
+            .zip(logdet.data_mut().par_chunks_mut(CHUNK_ROWS))
+            .enumerate()
+            .map(|(i, (y, ld))| {
+                let r = i * CHUNK_ROWS..i * CHUNK_ROWS + ld.len();
+                forward_chunk(spec, &mlp, &x[r.start * d..r.end * d], y, ld, r, dir)
+            })
+            .collect();
+        // The first failing chunk in row order names the error.
+        chunks.into_iter().collect::<Result<()>>()?;
+        Ok((out, logdet))
     }
 
     fn coupling_backward(
@@ -58,46 +69,36 @@ impl CouplingOps for Cpu {
         d_logdet: &Tensor,
     ) -> Result<(Tensor, Mlp<Tensor>)> {
         validate(OP_BACKWARD, spec, net, input)?;
-        let rows = input.rows();
-        d_out.expect_shape(OP_BACKWARD, rows, spec.dim)?;
+        let (rows, d) = (input.rows(), spec.dim);
+        d_out.expect_shape(OP_BACKWARD, rows, d)?;
         d_logdet.expect_shape(OP_BACKWARD, rows, 1)?;
         check_finite(d_out, "coupling_backward d_out")?;
         check_finite(d_logdet, "coupling_backward d_logdet")?;
-        // Starts as d_out: the copied half passes it through, the rest is overwritten per block.
-        let mut d_in = d_out.clone();
-        let blocks = par_row_blocks(d_in.data_mut(), spec.dim, |r, block| {
-            backward_block(spec, net, input, d_logdet, block, r, dir)
-        });
-        let mut grads: Option<Mlp<Tensor>> = None;
-        for b in blocks {
-            let g = b?;
-            match grads.as_mut() {
-                None => grads = Some(g),
-                Some(acc) => mlp::add_into(acc, &g),
-            }
+        let mlp = PackedMlp::new(net, true);
+        let mut d_in = Tensor::zeros(rows, d);
+        let chunks: Vec<Result<Grads>> = d_in
+            .data_mut()
+            .par_chunks_mut(CHUNK_ROWS * d)
+            .enumerate()
+            .map(|(i, g)| {
+                let r = i * CHUNK_ROWS..i * CHUNK_ROWS + g.len() / d;
+                let given = Given {
+                    x: &input.data()[r.start * d..r.end * d],
+                    d_out: &d_out.data()[r.start * d..r.end * d],
+                    d_logdet: &d_logdet.data()[r.clone()],
+                };
+                backward_chunk(spec, &mlp, &given, g, r, dir)
+            })
+            .collect();
+        let mut grads = net.zeros_like();
+        for chunk in chunks {
+            chunk?.add_to(&mlp, &mut grads);
         }
-        let grads = grads.expect("a non-empty batch has at least one block");
         for (name, t) in grads.tensor_names().iter().zip(grads.tensors()) {
             check_finite(t, &format!("coupling_backward gradient of {name}"))?;
         }
         Ok((d_in, grads))
     }
-}
-
-/// Runs `f(rows, block)` over consecutive blocks of at most [`CHUNK_ROWS`] rows of the
-/// row-major `data` (`cols` wide) in parallel, and returns the results in row order.
-fn par_row_blocks<T: Send>(
-    data: &mut [f32],
-    cols: usize,
-    f: impl Fn(Range<usize>, &mut [f32]) -> T + Sync + Send,
-) -> Vec<T> {
-    data.par_chunks_mut(CHUNK_ROWS * cols)
-        .enumerate()
-        .map(|(i, block)| {
-            let start = i * CHUNK_ROWS;
-            f(start..start + block.len() / cols, block)
-        })
-        .collect()
 }
 
 /// Spec, shapes, an empty batch, and non-finite input or parameters.
@@ -138,7 +139,7 @@ fn check_finite(t: &Tensor, what: &str) -> Result<()> {
     }
 }
 
-/// Errors on the first non-finite value of a block's `cols`-wide result, naming its batch row.
+/// Errors on the first non-finite value of a chunk's `cols`-wide result, naming its batch row.
 fn check_block(what: &str, data: &[f32], cols: usize, first_row: usize) -> Result<()> {
     if all_finite(data) {
         return Ok(());
@@ -151,85 +152,109 @@ fn check_block(what: &str, data: &[f32], cols: usize, first_row: usize) -> Resul
     })
 }
 
-/// The copied half of a block's rows as a contiguous (rows × n_A) conditioner input.
-fn conditioner_input(spec: &CouplingSpec, block: &[f32]) -> Vec<f32> {
-    let cols = spec.copied_cols();
-    let mut v = Vec::with_capacity(block.len() / spec.dim * cols.len());
-    for row in block.chunks_exact(spec.dim) {
-        v.extend_from_slice(&row[cols.clone()]);
+/// Forward of one chunk: `x` holds its input rows, `y` and `logdet` receive its results.
+fn forward_chunk(
+    spec: &CouplingSpec,
+    mlp: &PackedMlp,
+    x: &[f32],
+    y: &mut [f32],
+    logdet: &mut [f32],
+    rows: Range<usize>,
+    dir: Direction,
+) -> Result<()> {
+    let (d, a0) = (spec.dim, spec.copied_cols().start);
+    let ldp = mlp.out_pad();
+    let mut tape = mlp.tape();
+    let mut transform = Transform::new(spec);
+    let tiles = x
+        .chunks(TILE_ROWS * d)
+        .zip(y.chunks_mut(TILE_ROWS * d))
+        .zip(logdet.chunks_mut(TILE_ROWS));
+    for ((xt, yt), ldt) in tiles {
+        let n = ldt.len();
+        mlp.forward_tile(&xt[a0..], d, n, &mut tape);
+        // The copied half passes through; the transform rewrites the other half in place.
+        yt.copy_from_slice(xt);
+        let rs = affine::Rows {
+            params: &tape.out[..n * ldp],
+            ldp,
+            p: spec.net_out(),
+            d,
+            t: spec.transformed_cols(),
+            dir,
+        };
+        transform.apply_rows(&rs, yt, ldt);
     }
-    v
+    check_block("coupling output", y, d, rows.start)?;
+    check_block("coupling log-det", logdet, 1, rows.start)
 }
 
-/// Transforms a block of rows (holding the input on entry) in place; returns its log-dets.
-fn forward_block(
-    spec: &CouplingSpec,
-    net: &Mlp<Tensor>,
-    block: &mut [f32],
-    rows: Range<usize>,
-    dir: Direction,
-) -> Result<Vec<f32>> {
-    let (n, d, p) = (rows.len(), spec.dim, spec.net_out());
-    let cond = conditioner_input(spec, block);
-    let params = mlp::forward_output(net, &cond, n);
-    let rs = affine::Rows {
-        params: &params,
-        p,
-        d,
-        t: spec.transformed_cols(),
-        dir,
-    };
-    let mut logdet = vec![0.0f32; n];
-    Transform::new(spec).apply_rows(&rs, block, &mut logdet);
-    check_block("coupling output", block, d, rows.start)?;
-    check_block("coupling log-det", &logdet, 1, rows.start)?;
-    Ok(logdet)
+/// A chunk's rows of the backward's inputs.
+struct Given<'a> {
+    x: &'a [f32],
+    d_out: &'a [f32],
+    d_logdet: &'a [f32],
 }
 
-/// Backward for a block of rows: `block` holds dL/d output on entry and dL/d input on return.
-/// Returns this block's parameter gradients.
-fn backward_block(
+/// Backward of one chunk: writes dL/d input into `d_in` and returns the chunk's parameter
+/// gradients.
+fn backward_chunk(
     spec: &CouplingSpec,
-    net: &Mlp<Tensor>,
-    input: &Tensor,
-    d_logdet: &Tensor,
-    block: &mut [f32],
+    mlp: &PackedMlp,
+    given: &Given,
+    d_in: &mut [f32],
     rows: Range<usize>,
     dir: Direction,
-) -> Result<Mlp<Tensor>> {
-    let (n, d, p) = (rows.len(), spec.dim, spec.net_out());
-    let (a_cols, t_cols) = (spec.copied_cols(), spec.transformed_cols());
-    let x = &input.data()[rows.start * d..rows.end * d];
-    let cond = conditioner_input(spec, x);
-    let tape = mlp::forward(net, &cond, n);
-    let mut d_params = vec![0.0f32; n * p];
-    let rs = affine::Rows {
-        params: &tape.out,
-        p,
-        d,
-        t: t_cols,
-        dir,
-    };
-    Transform::new(spec).backward_rows(
-        &rs,
-        x,
-        block,
-        &d_logdet.data()[rows.clone()],
-        &mut d_params,
-    );
-    // The copied half also feeds the conditioner.
-    let mut grads = net.zeros_like();
-    let d_cond = mlp::backward(net, &cond, &tape, &d_params, &mut grads, true)
-        .expect("mlp::backward returns dx when asked");
-    for (g_row, dc) in block
-        .chunks_exact_mut(d)
-        .zip(d_cond.chunks_exact(a_cols.len()))
-    {
-        for (g, &c) in g_row[a_cols.clone()].iter_mut().zip(dc) {
-            *g += c;
+) -> Result<Grads> {
+    let (d, a_cols) = (spec.dim, spec.copied_cols());
+    let (a0, n_a) = (a_cols.start, a_cols.len());
+    let (ldp, ld_cond) = (mlp.out_pad(), mlp.in_pad());
+    let mut tape = mlp.tape();
+    let mut deltas = mlp.deltas();
+    let mut grads = mlp.zero_grads();
+    // Zeroed once: the transform writes the valid columns, the padding stays zero.
+    let mut d_params = Scratch::zeroed(TILE_ROWS * ldp);
+    let mut d_cond = Scratch::new(TILE_ROWS * ld_cond);
+    let mut transform = Transform::new(spec);
+    let tiles = given
+        .x
+        .chunks(TILE_ROWS * d)
+        .zip(given.d_out.chunks(TILE_ROWS * d))
+        .zip(given.d_logdet.chunks(TILE_ROWS))
+        .zip(d_in.chunks_mut(TILE_ROWS * d));
+    for (((xt, got), g_ld), gt) in tiles {
+        let n = g_ld.len();
+        mlp.forward_tile(&xt[a0..], d, n, &mut tape);
+        // dL/d input starts as dL/d output: the copied half passes it through.
+        gt.copy_from_slice(got);
+        let rs = affine::Rows {
+            params: &tape.out[..n * ldp],
+            ldp,
+            p: spec.net_out(),
+            d,
+            t: spec.transformed_cols(),
+            dir,
+        };
+        let d_params = &mut d_params[..n * ldp];
+        transform.backward_rows(&rs, xt, gt, g_ld, d_params);
+        mlp.backward_tile(
+            &xt[a0..],
+            d,
+            n,
+            &tape,
+            d_params,
+            &mut deltas,
+            &mut grads,
+            Some(&mut d_cond),
+        );
+        // The copied half also feeds the conditioner.
+        for (g_row, dc) in gt.chunks_exact_mut(d).zip(d_cond.chunks_exact(ld_cond)) {
+            for (g, &c) in g_row[a0..a0 + n_a].iter_mut().zip(dc) {
+                *g += c;
+            }
         }
     }
-    check_block("coupling_backward d_input", block, d, rows.start)?;
+    check_block("coupling_backward d_input", d_in, d, rows.start)?;
     Ok(grads)
 }
 
@@ -249,16 +274,13 @@ impl Transform {
         }
     }
 
-    /// Transforms the rows of a block in place (see [`affine::Rows`]), log-dets into `logdet`
+    /// Transforms the rows of a tile in place (see [`affine::Rows`]), log-dets into `logdet`
     /// (accumulated per row in f64).
     fn apply_rows(&mut self, rs: &affine::Rows, block: &mut [f32], logdet: &mut [f32]) {
         match self {
             Transform::Affine { clamp } => affine::affine_apply_rows(*clamp, rs, block, logdet),
             Transform::Additive => {
-                for (row, pr) in block
-                    .chunks_exact_mut(rs.d)
-                    .zip(rs.params.chunks_exact(rs.p))
-                {
+                for (row, pr) in block.chunks_exact_mut(rs.d).zip(rs.param_rows()) {
                     affine::additive_apply(pr, &mut row[rs.t.clone()], rs.dir);
                 }
                 logdet.fill(0.0);
@@ -267,7 +289,7 @@ impl Transform {
                 let len = sp.block_len();
                 let items = block
                     .chunks_exact_mut(rs.d)
-                    .zip(rs.params.chunks_exact(rs.p))
+                    .zip(rs.param_rows())
                     .zip(logdet);
                 for ((row, pr), ld) in items {
                     let mut sum = 0.0f64;
@@ -283,9 +305,10 @@ impl Transform {
         }
     }
 
-    /// Backward of `apply_rows`: `x` holds the block's input rows, `g` dL/d output on entry and
+    /// Backward of `apply_rows`: `x` holds the tile's input rows, `g` dL/d output on entry and
     /// dL/d input on return (transformed columns; the copied ones are left alone), `d_logdet`
-    /// dL/d(row log-det); dL/d(conditioner output) goes into `g_params` (zero on entry).
+    /// dL/d(row log-det); dL/d(conditioner output) is written into `g_params` (row stride
+    /// `rs.ldp`; the padding columns are left as they are).
     fn backward_rows(
         &mut self,
         rs: &affine::Rows,
@@ -299,20 +322,18 @@ impl Transform {
                 affine::affine_backward_rows(*clamp, rs, x, g, d_logdet, g_params)
             }
             Transform::Additive => {
-                for (g_row, g_p) in g.chunks_exact(rs.d).zip(g_params.chunks_exact_mut(rs.p)) {
+                for (g_row, g_p) in g.chunks_exact(rs.d).zip(rs.param_rows_mut(g_params)) {
                     affine::additive_backward(rs.dir, &g_row[rs.t.clone()], g_p);
                 }
             }
             Transform::Spline(sp) => {
+                // The spline adds into its blocks.
+                g_params.fill(0.0);
                 let len = sp.block_len();
                 let items = g
                     .chunks_exact_mut(rs.d)
                     .zip(x.chunks_exact(rs.d))
-                    .zip(
-                        rs.params
-                            .chunks_exact(rs.p)
-                            .zip(g_params.chunks_exact_mut(rs.p)),
-                    )
+                    .zip(rs.param_rows().zip(rs.param_rows_mut(g_params)))
                     .zip(d_logdet);
                 for (((g_row, x_row), (pr, g_p)), &g_ld) in items {
                     let cols = g_row[rs.t.clone()]

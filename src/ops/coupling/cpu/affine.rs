@@ -1,22 +1,29 @@
-//! The affine (RealNVP, eq. 18.10–18.14) and additive (NICE) coupling functions on a block of
+//! The affine (RealNVP, eq. 18.10–18.14) and additive (NICE) coupling functions on a tile of
 //! rows, and their backward.
 //!
-//! The affine transform gathers a block's transformed values and their [raw s | b] into flat
-//! arrays and runs one element-wise loop over them: with no calls inside (see `vmath`) it
-//! vectorises whatever the width of the transformed half (even one column, for D = 2), and it
-//! is also compiled for AVX2+FMA and picked at run time, since the two exponentials per value
-//! dominate the layer otherwise. Every path gives the same results (no reassociation, no
-//! fused multiply-add contraction).
+//! The affine transform is one element-wise loop over a row's transformed values and their
+//! [raw s | b]: with no calls inside (see `vmath`) it vectorises, and the whole tile runs in a
+//! copy compiled for the widest vector instructions available (`simd_dispatch`), since the two
+//! exponentials per value would dominate the layer otherwise. A transformed half narrower than
+//! a vector (D = 2 has one column) is first gathered across the tile's rows into flat arrays,
+//! so that the loop still runs full vectors. Every path gives the same results (no
+//! reassociation, no fused multiply-add contraction).
 
 use std::ops::Range;
 
+use crate::backend::cpu::scratch::Scratch;
+use crate::backend::cpu::simd::simd_dispatch;
 use crate::backend::cpu::vmath;
 use crate::ops::Direction;
 
-/// Where a block's pieces are: each row's conditioner output is `p` wide in `params`, rows are
-/// `d` wide, and columns `t` of each row are transformed.
+/// Transformed halves at least this wide run row by row; narrower ones are gathered.
+const ROW_WISE: usize = 16;
+
+/// Where a tile's pieces are: row r's conditioner output is `params[r·ldp .. r·ldp + p]`, rows
+/// of the data are `d` wide, and columns `t` of each row are transformed.
 pub struct Rows<'a> {
     pub params: &'a [f32],
+    pub ldp: usize,
     pub p: usize,
     pub d: usize,
     pub t: Range<usize>,
@@ -28,44 +35,68 @@ impl Rows<'_> {
         self.t.len()
     }
 
-    /// Column j of the transformed half, all rows, from a `d`-wide block.
-    fn gather_t(&self, block: &[f32]) -> Vec<f32> {
-        let mut v = Vec::with_capacity(block.len() / self.d * self.nb());
-        for row in block.chunks_exact(self.d) {
-            v.extend_from_slice(&row[self.t.clone()]);
-        }
-        v
+    /// Each row's conditioner output (`p` values).
+    pub fn param_rows(&self) -> impl Iterator<Item = &[f32]> {
+        self.params.chunks_exact(self.ldp).map(|r| &r[..self.p])
     }
 
-    /// Columns `offset..offset + n_B` of every row of `params`.
-    fn gather_params(&self, offset: usize) -> Vec<f32> {
-        let nb = self.nb();
-        let mut v = Vec::with_capacity(self.params.len() / self.p * nb);
-        for row in self.params.chunks_exact(self.p) {
-            v.extend_from_slice(&row[offset..offset + nb]);
+    /// Each row's `p` values of a buffer laid out like `params`.
+    pub fn param_rows_mut<'b>(&self, buf: &'b mut [f32]) -> impl Iterator<Item = &'b mut [f32]> {
+        let p = self.p;
+        buf.chunks_exact_mut(self.ldp).map(move |r| &mut r[..p])
+    }
+
+    /// Columns `cols` of every `width`-wide row of `src`, as a flat array.
+    #[inline(always)]
+    fn gather(src: &[f32], width: usize, cols: Range<usize>) -> Scratch {
+        let nb = cols.len();
+        let mut v = Scratch::new(src.len() / width * nb);
+        for (dst, row) in v.chunks_exact_mut(nb).zip(src.chunks_exact(width)) {
+            for (d, &x) in dst.iter_mut().zip(&row[cols.clone()]) {
+                *d = x;
+            }
         }
         v
     }
 
     /// Writes flat per-row values (n_B per row) back into columns `cols` of `dst` rows.
+    #[inline(always)]
     fn scatter(flat: &[f32], dst: &mut [f32], width: usize, cols: Range<usize>) {
         let nb = cols.len();
         for (row, src) in dst.chunks_exact_mut(width).zip(flat.chunks_exact(nb)) {
-            row[cols.clone()].copy_from_slice(src);
+            for (d, &x) in row[cols.clone()].iter_mut().zip(src) {
+                *d = x;
+            }
         }
     }
 }
 
-/// Affine coupling of every row of `block` (in place); p = [raw s | b] per row. Each row's
+/// Affine coupling of every row of `tile` (in place); p = [raw s | b] per row. Each row's
 /// log-det goes to `logdet`: Σ s forward, −Σ s inverse (summed in f64).
-pub fn affine_apply_rows(clamp: f32, rs: &Rows, block: &mut [f32], logdet: &mut [f32]) {
+pub fn affine_apply_rows(clamp: f32, rs: &Rows, tile: &mut [f32], logdet: &mut [f32]) {
+    simd_dispatch!(apply_rows_impl(clamp: f32, rs: &Rows, tile: &mut [f32], logdet: &mut [f32]) -> ())
+}
+
+#[inline(always)]
+fn apply_rows_impl(clamp: f32, rs: &Rows, tile: &mut [f32], logdet: &mut [f32]) {
     let nb = rs.nb();
-    let mut v = rs.gather_t(block);
-    let raw = rs.gather_params(0);
-    let shift = rs.gather_params(nb);
-    let mut s = vec![0.0f32; v.len()];
-    affine_flat(clamp, rs.dir, &mut v, &raw, &shift, &mut s);
-    Rows::scatter(&v, block, rs.d, rs.t.clone());
+    let mut s = Scratch::new(logdet.len() * nb);
+    if nb >= ROW_WISE {
+        let rows = tile
+            .chunks_exact_mut(rs.d)
+            .zip(rs.param_rows())
+            .zip(s.chunks_exact_mut(nb));
+        for ((row, p), s_row) in rows {
+            let (raw, shift) = p.split_at(nb);
+            affine_flat(clamp, rs.dir, &mut row[rs.t.clone()], raw, shift, s_row);
+        }
+    } else {
+        let mut v = Rows::gather(tile, rs.d, rs.t.clone());
+        let raw = Rows::gather(rs.params, rs.ldp, 0..nb);
+        let shift = Rows::gather(rs.params, rs.ldp, nb..2 * nb);
+        affine_flat(clamp, rs.dir, &mut v, &raw, &shift, &mut s);
+        Rows::scatter(&v, tile, rs.d, rs.t.clone());
+    }
     for (ld, sr) in logdet.iter_mut().zip(s.chunks_exact(nb)) {
         let sum = sum_f64(sr);
         *ld = match rs.dir {
@@ -75,9 +106,9 @@ pub fn affine_apply_rows(clamp: f32, rs: &Rows, block: &mut [f32], logdet: &mut 
     }
 }
 
-/// Backward of [`affine_apply_rows`]: `x` holds the block's input rows, `g` dL/d output on
+/// Backward of [`affine_apply_rows`]: `x` holds the tile's input rows, `g` dL/d output on
 /// entry and dL/d input (transformed columns only) on return, `d_logdet` dL/d(row log-det);
-/// dL/d[raw s | b] is written into `g_params` (n × p).
+/// dL/d[raw s | b] is written into `g_params` (row stride `rs.ldp`).
 pub fn affine_backward_rows(
     clamp: f32,
     rs: &Rows,
@@ -86,18 +117,59 @@ pub fn affine_backward_rows(
     d_logdet: &[f32],
     g_params: &mut [f32],
 ) {
+    simd_dispatch!(backward_rows_impl(
+        clamp: f32,
+        rs: &Rows,
+        x: &[f32],
+        g: &mut [f32],
+        d_logdet: &[f32],
+        g_params: &mut [f32],
+    ) -> ())
+}
+
+#[inline(always)]
+fn backward_rows_impl(
+    clamp: f32,
+    rs: &Rows,
+    x: &[f32],
+    g: &mut [f32],
+    d_logdet: &[f32],
+    g_params: &mut [f32],
+) {
     let nb = rs.nb();
-    let xv = rs.gather_t(x);
-    let mut gv = rs.gather_t(g);
-    let raw = rs.gather_params(0);
-    let shift = rs.gather_params(nb);
+    if nb >= ROW_WISE {
+        let mut g_ld = Scratch::new(nb);
+        let rows = g
+            .chunks_exact_mut(rs.d)
+            .zip(x.chunks_exact(rs.d))
+            .zip(rs.param_rows().zip(rs.param_rows_mut(g_params)))
+            .zip(d_logdet);
+        for (((g_row, x_row), (p, g_p)), &l) in rows {
+            let (raw, shift) = p.split_at(nb);
+            let (g_raw, g_shift) = g_p.split_at_mut(nb);
+            g_ld.fill(l);
+            let flat = Flat {
+                x: &x_row[rs.t.clone()],
+                raw,
+                shift,
+                g_ld: &g_ld,
+            };
+            let g_t = &mut g_row[rs.t.clone()];
+            affine_backward_flat(clamp, rs.dir, &flat, g_t, g_raw, g_shift);
+        }
+        return;
+    }
+    let xv = Rows::gather(x, rs.d, rs.t.clone());
+    let mut gv = Rows::gather(g, rs.d, rs.t.clone());
+    let raw = Rows::gather(rs.params, rs.ldp, 0..nb);
+    let shift = Rows::gather(rs.params, rs.ldp, nb..2 * nb);
     // The row's dL/d logdet, once per transformed value.
-    let g_ld: Vec<f32> = d_logdet
-        .iter()
-        .flat_map(|&l| std::iter::repeat_n(l, nb))
-        .collect();
-    let mut g_raw = vec![0.0f32; xv.len()];
-    let mut g_shift = vec![0.0f32; xv.len()];
+    let mut g_ld = Scratch::new(xv.len());
+    for (dst, &l) in g_ld.chunks_exact_mut(nb).zip(d_logdet) {
+        dst.fill(l);
+    }
+    let mut g_raw = Scratch::new(xv.len());
+    let mut g_shift = Scratch::new(xv.len());
     let flat = Flat {
         x: &xv,
         raw: &raw,
@@ -106,42 +178,13 @@ pub fn affine_backward_rows(
     };
     affine_backward_flat(clamp, rs.dir, &flat, &mut gv, &mut g_raw, &mut g_shift);
     Rows::scatter(&gv, g, rs.d, rs.t.clone());
-    Rows::scatter(&g_raw, g_params, rs.p, 0..nb);
-    Rows::scatter(&g_shift, g_params, rs.p, nb..2 * nb);
+    Rows::scatter(&g_raw, g_params, rs.ldp, 0..nb);
+    Rows::scatter(&g_shift, g_params, rs.ldp, nb..2 * nb);
 }
 
-/// The element-wise affine transform over flat arrays, on the best instruction set available.
-fn affine_flat(
-    clamp: f32,
-    dir: Direction,
-    v: &mut [f32],
-    raw: &[f32],
-    shift: &[f32],
-    s: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if vmath::has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        return unsafe { affine_flat_avx2(clamp, dir, v, raw, shift, s) };
-    }
-    affine_flat_body(clamp, dir, v, raw, shift, s)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn affine_flat_avx2(
-    clamp: f32,
-    dir: Direction,
-    v: &mut [f32],
-    raw: &[f32],
-    shift: &[f32],
-    s: &mut [f32],
-) {
-    affine_flat_body(clamp, dir, v, raw, shift, s)
-}
-
+/// The element-wise affine transform over flat arrays.
 #[inline(always)]
-fn affine_flat_body(
+fn affine_flat(
     clamp: f32,
     dir: Direction,
     v: &mut [f32],
@@ -177,38 +220,9 @@ struct Flat<'a> {
     g_ld: &'a [f32],
 }
 
-fn affine_backward_flat(
-    clamp: f32,
-    dir: Direction,
-    f: &Flat,
-    g: &mut [f32],
-    g_raw: &mut [f32],
-    g_shift: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if vmath::has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        return unsafe { affine_backward_flat_avx2(clamp, dir, f, g, g_raw, g_shift) };
-    }
-    affine_backward_flat_body(clamp, dir, f, g, g_raw, g_shift)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn affine_backward_flat_avx2(
-    clamp: f32,
-    dir: Direction,
-    f: &Flat,
-    g: &mut [f32],
-    g_raw: &mut [f32],
-    g_shift: &mut [f32],
-) {
-    affine_backward_flat_body(clamp, dir, f, g, g_raw, g_shift)
-}
-
 /// `g` holds dL/d output on entry and dL/d input on return.
 #[inline(always)]
-fn affine_backward_flat_body(
+fn affine_backward_flat(
     clamp: f32,
     dir: Direction,
     f: &Flat,
@@ -269,6 +283,7 @@ pub fn additive_backward(dir: Direction, g: &[f32], g_p: &mut [f32]) {
 
 /// Σ v in f64 over four interleaved partial sums (a fixed order, so still deterministic): one
 /// serial chain of f64 adds would cost more than the row's exponentials.
+#[inline(always)]
 fn sum_f64(v: &[f32]) -> f64 {
     let mut acc = [0.0f64; 4];
     let chunks = v.chunks_exact(4);

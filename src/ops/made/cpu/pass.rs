@@ -2,50 +2,21 @@
 //! sequential transform. Buffers are feature-major (units × rows, degree order), so that a
 //! tile's rows, the prefix it reads, and one coordinate across the chunk are all contiguous;
 //! the chunk's input and output are row-major in the data's column order.
+//!
+//! Feature-major rows are `ld` = the chunk's row count rounded up to
+//! [`PAD`](crate::backend::cpu::kernel::PAD) apart, so that a
+//! tile's product is one call of the register-blocked kernel with the bias and activation
+//! fused (`backend::cpu::kernel`: broadcast weights times vectors along the rows). The padding
+//! lanes of the input are zero and every lane is independent, so they never reach a result.
 
 use super::plan::{PackedLayer, Plan};
-use super::scratch::Scratch;
 use crate::backend::cpu::gemm::{View, matmul};
+use crate::backend::cpu::kernel::{self, Band, Init, Operands, Post, padded};
+use crate::backend::cpu::scratch::Scratch;
+use crate::backend::cpu::simd::simd_dispatch;
 use crate::backend::cpu::vmath;
 use crate::nn::mlp::Activation;
 use crate::ops::Direction;
-
-/// Calls `$imp` compiled for the widest vector instructions this CPU has. The crate is built
-/// for baseline x86-64, where the element-wise loops (transform, activations, transposes)
-/// would run 4 lanes wide; `$imp` and its helpers are `#[inline(always)]` so that they are
-/// compiled again inside each `#[target_feature]` copy. (The GEMM dispatches by itself.)
-macro_rules! simd_dispatch {
-    ($imp:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
-            fn v4($($arg: $ty),*) -> $ret {
-                $imp($($arg),*)
-            }
-            #[target_feature(enable = "avx2,fma")]
-            fn v3($($arg: $ty),*) -> $ret {
-                $imp($($arg),*)
-            }
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512vl")
-                && std::arch::is_x86_feature_detected!("avx512dq")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: every feature `v4` is compiled for was detected on this CPU.
-                return unsafe { v4($($arg),*) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: every feature `v3` is compiled for was detected on this CPU.
-                return unsafe { v3($($arg),*) };
-            }
-        }
-        $imp($($arg),*)
-    }};
-}
 
 /// The affine step of one coordinate across a chunk, with the soft clamp
 /// s = clamp·tanh(raw/clamp): y = g·e^s + b forward (eq. 18.19), (g − b)·e^−s inverse
@@ -147,121 +118,138 @@ fn transform_backward(
     }
 }
 
-/// rows × D row-major in column order -> D × rows in degree order.
+/// rows × D row-major in column order -> D × ld in degree order (padding lanes zero).
 #[inline(always)]
-fn to_degree_major(plan: &Plan, x: &[f32], rows: usize) -> Scratch {
+fn to_degree_major(plan: &Plan, x: &[f32], rows: usize, ld: usize) -> Scratch {
     let d = plan.dim;
-    let mut t = Scratch::new(d * rows);
+    let mut t = Scratch::new(d * ld);
     for (k, &col) in plan.order.iter().enumerate() {
-        for (r, v) in t[k * rows..(k + 1) * rows].iter_mut().enumerate() {
+        let dst = &mut t[k * ld..(k + 1) * ld];
+        for (r, v) in dst[..rows].iter_mut().enumerate() {
             *v = x[r * d + col];
         }
+        dst[rows..].fill(0.0);
     }
     t
 }
 
-/// D × rows in degree order -> rows × D row-major in column order.
+/// D × ld in degree order -> rows × D row-major in column order, into `x`.
 #[inline(always)]
-fn to_row_major(plan: &Plan, t: &[f32], rows: usize) -> Vec<f32> {
+fn to_row_major(plan: &Plan, t: &[f32], rows: usize, ld: usize, x: &mut [f32]) {
     let d = plan.dim;
-    let mut x = vec![0.0f32; rows * d];
     for (k, &col) in plan.order.iter().enumerate() {
-        for (r, &v) in t[k * rows..(k + 1) * rows].iter().enumerate() {
+        for (r, &v) in t[k * ld..k * ld + rows].iter().enumerate() {
             x[r * d + col] = v;
         }
     }
-    x
 }
 
-/// y[tile rows] = tile weights · input prefix (no bias). Tiles cover each output row once.
+/// y[tile units] = act(tile weights · input prefix + bias), for all `ld` lanes; `None` is
+/// linear. Tiles cover each output unit once.
 #[inline(always)]
-fn tile_product(layer: &PackedLayer, tile: usize, input: &[f32], rows: usize, y: &mut [f32]) {
-    let t = &layer.tiles[tile];
-    let dst = &mut y[t.cols.start * rows..t.cols.end * rows];
-    if t.prefix == 0 {
-        dst.fill(0.0);
-        return;
-    }
-    matmul(
-        dst,
-        View::new(&t.w, t.cols.len(), t.prefix),
-        View::new(&input[..t.prefix * rows], t.prefix, rows),
-        false,
-    );
-}
-
-/// y = act(y + bias) over output units `units` (feature-major rows); `None` is linear.
-#[inline(always)]
-fn bias_act(
+fn tile_forward(
+    plan: &Plan,
     layer: &PackedLayer,
+    tile: usize,
     act: Option<Activation>,
-    units: std::ops::Range<usize>,
-    rows: usize,
+    input: &[f32],
+    ld: usize,
     y: &mut [f32],
 ) {
-    let y = &mut y[units.start * rows..units.end * rows];
-    for (row, &b) in y.chunks_exact_mut(rows).zip(&layer.bias[units]) {
-        match act {
-            None => row.iter_mut().for_each(|v| *v += b),
-            Some(Activation::Relu) => row.iter_mut().for_each(|v| *v = (*v + b).max(0.0)),
-            Some(a) => row.iter_mut().for_each(|v| *v = a.apply(*v + b)),
+    let t = &layer.tiles[tile];
+    let dst = &mut y[t.cols.start * ld..t.cols.end * ld];
+    let o = Operands {
+        a: &t.w,
+        a_rs: t.prefix,
+        a_cs: 1,
+        b: &input[..t.prefix * ld],
+        ldb: ld,
+        m: t.cols.len(),
+        k: t.prefix,
+        n: ld,
+    };
+    let bias = Init::RowBias(&layer.bias[t.cols.clone()]);
+    match act {
+        None => kernel::gemm(plan.isa, &o, bias, Post::Linear, dst, ld),
+        Some(Activation::Relu) => kernel::gemm(plan.isa, &o, bias, Post::Relu, dst, ld),
+        Some(a) => {
+            kernel::gemm(plan.isa, &o, bias, Post::Linear, dst, ld);
+            dst.iter_mut().for_each(|v| *v = a.apply(*v));
         }
     }
 }
 
-/// The whole masked layer: y = act(W·input + bias).
+/// The whole masked layer: y = act(W·input + bias), every tile in one call (the kernel walks
+/// the lanes in blocks and runs every tile on a block while it is in L1).
 #[inline(always)]
 fn layer_forward(
+    plan: &Plan,
     layer: &PackedLayer,
     act: Option<Activation>,
     input: &[f32],
-    rows: usize,
+    ld: usize,
     y: &mut [f32],
 ) {
-    // Bias and activation right after each tile, while its rows are still in cache.
-    for (i, t) in layer.tiles.iter().enumerate() {
-        tile_product(layer, i, input, rows, y);
-        bias_act(layer, act, t.cols.clone(), rows, y);
+    let bands: Vec<Band> = layer
+        .tiles
+        .iter()
+        .map(|t| Band {
+            a: &t.w,
+            k: t.prefix,
+            rows: t.cols.clone(),
+            bias: &layer.bias[t.cols.clone()],
+        })
+        .collect();
+    let y = &mut y[..layer.out_width * ld];
+    match act {
+        None => kernel::gemm_bands(plan.isa, &bands, input, ld, ld, Post::Linear, y, ld),
+        Some(Activation::Relu) => {
+            kernel::gemm_bands(plan.isa, &bands, input, ld, ld, Post::Relu, y, ld)
+        }
+        Some(a) => {
+            kernel::gemm_bands(plan.isa, &bands, input, ld, ld, Post::Linear, y, ld);
+            y.iter_mut().for_each(|v| *v = a.apply(*v));
+        }
     }
 }
 
-/// The one-pass transform of `rows` rows: returns the output (rows × D, column order) and
-/// the per-row logdet.
-pub fn parallel(plan: &Plan, dir: Direction, x: &[f32], rows: usize) -> (Vec<f32>, Vec<f32>) {
-    simd_dispatch!(parallel_impl(plan: &Plan, dir: Direction, x: &[f32], rows: usize) -> (Vec<f32>, Vec<f32>))
+/// The one-pass transform of `rows` rows `x`: writes the output (rows × D, column order) into
+/// `y` and the per-row logdet into `logdet`.
+pub fn parallel(plan: &Plan, dir: Direction, x: &[f32], y: &mut [f32], logdet: &mut [f32]) {
+    simd_dispatch!(parallel_impl(plan: &Plan, dir: Direction, x: &[f32], y: &mut [f32], logdet: &mut [f32]) -> ())
 }
 
 #[inline(always)]
-fn parallel_impl(plan: &Plan, dir: Direction, x: &[f32], rows: usize) -> (Vec<f32>, Vec<f32>) {
+fn parallel_impl(plan: &Plan, dir: Direction, x: &[f32], y: &mut [f32], logdet: &mut [f32]) {
     let d = plan.dim;
     let n = plan.layers.len();
-    let xt = to_degree_major(plan, x, rows);
+    let rows = logdet.len();
+    let ld = padded(rows);
+    let xt = to_degree_major(plan, x, rows, ld);
     let width = plan.layers.iter().map(|l| l.out_width).max().unwrap_or(0);
-    let (mut a, mut b) = (Scratch::new(width * rows), Scratch::new(width * rows));
+    let (mut a, mut b) = (Scratch::new(width * ld), Scratch::new(width * ld));
     for (l, layer) in plan.layers.iter().enumerate() {
         let act = (l + 1 < n).then_some(plan.act);
         let input: &[f32] = if l == 0 { &xt } else { &a };
-        layer_forward(layer, act, input, rows, &mut b);
+        layer_forward(plan, layer, act, input, ld, &mut b);
         std::mem::swap(&mut a, &mut b);
     }
     // `a` holds the MADE output: row 2k is b, row 2k + 1 raw s, of the input of degree k + 1.
-    let mut yt = Scratch::new(d * rows);
+    let mut yt = Scratch::new(d * ld);
     let mut s = Scratch::new(rows);
-    let mut ld = vec![0.0f64; rows];
+    let mut ld_sum = vec![0.0f64; rows];
     for k in 0..d {
-        let (g, o) = (
-            &xt[k * rows..(k + 1) * rows],
-            &a[2 * k * rows..(2 * k + 2) * rows],
-        );
-        let (bias, raw) = o.split_at(rows);
-        let y = &mut yt[k * rows..(k + 1) * rows];
-        transform(dir, plan.clamp, g, bias, raw, y, &mut s);
-        add_logdet(dir, &s, &mut ld);
+        let (g, o) = (&xt[k * ld..k * ld + rows], &a[2 * k * ld..(2 * k + 2) * ld]);
+        let (bias, raw) = o.split_at(ld);
+        let y = &mut yt[k * ld..k * ld + rows];
+        transform(dir, plan.clamp, g, &bias[..rows], &raw[..rows], y, &mut s);
+        add_logdet(dir, &s, &mut ld_sum);
     }
-    (
-        to_row_major(plan, &yt, rows),
-        ld.into_iter().map(|v| v as f32).collect(),
-    )
+    to_row_major(plan, &yt, rows, ld, y);
+    logdet
+        .iter_mut()
+        .zip(ld_sum)
+        .for_each(|(o, v)| *o = v as f32);
 }
 
 /// Per-chunk parameter gradients: per layer, per tile (see `Tile::w`), and biases in degree
@@ -295,24 +283,24 @@ impl ChunkGrads {
     }
 }
 
-/// Backward of `parallel` for one chunk: returns dL/dx (rows × D, column order) and the
-/// chunk's parameter gradients.
+/// Backward of `parallel` for one chunk of `rows` = `d_logdet.len()` rows: writes dL/dx
+/// (rows × D, column order) into `dx` and returns the chunk's parameter gradients.
 pub fn parallel_backward(
     plan: &Plan,
     dir: Direction,
     x: &[f32],
     d_out: &[f32],
     d_logdet: &[f32],
-    rows: usize,
-) -> (Vec<f32>, ChunkGrads) {
+    dx: &mut [f32],
+) -> ChunkGrads {
     simd_dispatch!(parallel_backward_impl(
         plan: &Plan,
         dir: Direction,
         x: &[f32],
         d_out: &[f32],
         d_logdet: &[f32],
-        rows: usize
-    ) -> (Vec<f32>, ChunkGrads))
+        dx: &mut [f32],
+    ) -> ChunkGrads)
 }
 
 #[inline(always)]
@@ -322,48 +310,51 @@ fn parallel_backward_impl(
     x: &[f32],
     d_out: &[f32],
     d_logdet: &[f32],
-    rows: usize,
-) -> (Vec<f32>, ChunkGrads) {
+    dx: &mut [f32],
+) -> ChunkGrads {
     let d = plan.dim;
     let n = plan.layers.len();
-    let xt = to_degree_major(plan, x, rows);
-    let go_t = to_degree_major(plan, d_out, rows);
+    let rows = d_logdet.len();
+    let ld = padded(rows);
+    let xt = to_degree_major(plan, x, rows, ld);
+    let go_t = to_degree_major(plan, d_out, rows, ld);
     // Forward, keeping pre-activations and activations of the hidden layers.
     let mut pre: Vec<Scratch> = Vec::with_capacity(n - 1);
     let mut hidden: Vec<Scratch> = Vec::with_capacity(n - 1);
-    let mut out = Scratch::new(2 * d * rows);
+    let mut out = Scratch::new(2 * d * ld);
     for (l, layer) in plan.layers.iter().enumerate() {
         let input: &[f32] = if l == 0 { &xt } else { &hidden[l - 1] };
         if l + 1 == n {
-            layer_forward(layer, None, input, rows, &mut out);
+            layer_forward(plan, layer, None, input, ld, &mut out);
         } else {
-            let mut p = Scratch::new(layer.out_width * rows);
-            layer_forward(layer, None, input, rows, &mut p);
-            let mut h = Scratch::new(layer.out_width * rows);
+            let mut p = Scratch::new(layer.out_width * ld);
+            layer_forward(plan, layer, None, input, ld, &mut p);
+            let mut h = Scratch::new(layer.out_width * ld);
             activate(plan.act, &p, &mut h);
             pre.push(p);
             hidden.push(h);
         }
     }
-    // dL/d MADE output (degree order) and the direct part of dL/dx.
-    let mut delta = Scratch::new(2 * d * rows);
-    let mut dxt = Scratch::new(d * rows);
+    // dL/d MADE output (degree order) and the direct part of dL/dx. The padding lanes of
+    // delta stay zero, so they add exact zeros to the weight gradients below.
+    let mut delta = Scratch::zeroed(2 * d * ld);
+    let mut dxt = Scratch::new(d * ld);
     for k in 0..d {
-        let row = k * rows..(k + 1) * rows;
-        let (bias, raw) = out[2 * k * rows..(2 * k + 2) * rows].split_at(rows);
-        let (db, draw) = delta[2 * k * rows..(2 * k + 2) * rows].split_at_mut(rows);
+        let row = k * ld..k * ld + rows;
+        let (bias, raw) = out[2 * k * ld..(2 * k + 2) * ld].split_at(ld);
+        let (db, draw) = delta[2 * k * ld..(2 * k + 2) * ld].split_at_mut(ld);
         transform_backward(
             dir,
             plan.clamp,
             &xt[row.clone()],
-            bias,
-            raw,
+            &bias[..rows],
+            &raw[..rows],
             &go_t[row.clone()],
             d_logdet,
             TransformGrads {
                 dg: &mut dxt[row],
-                db,
-                draw,
+                db: &mut db[..rows],
+                draw: &mut draw[..rows],
             },
         );
     }
@@ -371,30 +362,37 @@ fn parallel_backward_impl(
     for l in (0..n).rev() {
         let layer = &plan.layers[l];
         let input: &[f32] = if l == 0 { &xt } else { &hidden[l - 1] };
-        for (acc, row) in grads.bias[l].iter_mut().zip(delta.chunks_exact(rows)) {
-            *acc = row.iter().map(|&v| v as f64).sum();
+        for (acc, row) in grads.bias[l].iter_mut().zip(delta.chunks_exact(ld)) {
+            *acc = row[..rows].iter().map(|&v| v as f64).sum();
         }
-        let mut d_in = Scratch::zeroed(layer.in_width * rows);
+        let mut d_in = Scratch::zeroed(layer.in_width * ld);
         for (t, gw) in layer.tiles.iter().zip(grads.tiles[l].iter_mut()) {
             if t.prefix == 0 {
                 continue;
             }
             let m = t.cols.len();
-            let delta_t = &delta[t.cols.start * rows..t.cols.end * rows];
-            // dW_tile (m × prefix) = Δ_tile · inputᵀ over the prefix.
+            let delta_t = &delta[t.cols.start * ld..t.cols.end * ld];
+            // dW_tile (m × prefix) = Δ_tile · inputᵀ over the prefix (a reduction along the
+            // rows, left to the general GEMM).
             matmul(
                 gw,
-                View::new(delta_t, m, rows),
-                View::new(&input[..t.prefix * rows], t.prefix, rows).t(),
+                View::new(delta_t, m, ld),
+                View::new(&input[..t.prefix * ld], t.prefix, ld).t(),
                 false,
             );
             // d input prefix += W_tileᵀ · Δ_tile.
-            matmul(
-                &mut d_in[..t.prefix * rows],
-                View::new(&t.w, m, t.prefix).t(),
-                View::new(delta_t, m, rows),
-                true,
-            );
+            let o = Operands {
+                a: &t.w,
+                a_rs: 1,
+                a_cs: t.prefix,
+                b: delta_t,
+                ldb: ld,
+                m: t.prefix,
+                k: m,
+                n: ld,
+            };
+            let d_prefix = &mut d_in[..t.prefix * ld];
+            kernel::gemm(plan.isa, &o, Init::Accumulate, Post::Linear, d_prefix, ld);
         }
         if l > 0 {
             mul_act_grad(plan.act, &pre[l - 1], &mut d_in);
@@ -403,7 +401,8 @@ fn parallel_backward_impl(
             dxt.iter_mut().zip(d_in.iter()).for_each(|(a, b)| *a += b);
         }
     }
-    (to_row_major(plan, &dxt, rows), grads)
+    to_row_major(plan, &dxt, rows, ld, dx);
+    grads
 }
 
 #[inline(always)]
@@ -439,42 +438,37 @@ fn mul_act_grad(act: Activation, pre: &[f32], d: &mut [f32]) {
 /// Every unit is computed exactly once, from the prefix its tile reads, so the whole loop
 /// costs one masked pass (plus D small GEMMs per layer instead of a few large ones), not D
 /// full passes.
-pub fn sequential(plan: &Plan, dir: Direction, x: &[f32], rows: usize) -> (Vec<f32>, Vec<f32>) {
-    simd_dispatch!(sequential_impl(plan: &Plan, dir: Direction, x: &[f32], rows: usize) -> (Vec<f32>, Vec<f32>))
+pub fn sequential(plan: &Plan, dir: Direction, x: &[f32], y: &mut [f32], logdet: &mut [f32]) {
+    simd_dispatch!(sequential_impl(plan: &Plan, dir: Direction, x: &[f32], y: &mut [f32], logdet: &mut [f32]) -> ())
 }
 
 #[inline(always)]
-fn sequential_impl(plan: &Plan, dir: Direction, x: &[f32], rows: usize) -> (Vec<f32>, Vec<f32>) {
+fn sequential_impl(plan: &Plan, dir: Direction, x: &[f32], y: &mut [f32], logdet: &mut [f32]) {
     let d = plan.dim;
     let n = plan.layers.len();
+    let rows = logdet.len();
+    let ld = padded(rows);
     let (hidden_layers, out_layer) = plan.layers.split_at(n - 1);
     let out_layer = &out_layer[0];
-    let xt = to_degree_major(plan, x, rows);
+    let xt = to_degree_major(plan, x, rows, ld);
     // The MADE input, feature-major in degree order, filled one degree at a time.
-    let mut ut = Scratch::new(d * rows);
+    let mut ut = Scratch::new(d * ld);
     let mut hidden: Vec<Scratch> = hidden_layers
         .iter()
-        .map(|l| Scratch::new(l.out_width * rows))
+        .map(|l| Scratch::new(l.out_width * ld))
         .collect();
-    let mut o = Scratch::new(out_layer.out_width * rows);
-    let mut s = Scratch::new(rows);
-    let mut ld = vec![0.0f64; rows];
+    let mut o = Scratch::new(out_layer.out_width * ld);
+    let mut s = Scratch::new(ld);
+    let mut ld_sum = vec![0.0f64; rows];
     for k in 1..=d {
         // 1. outputs of degree k.
         if let Some(ti) = out_layer.by_degree[k] {
             let src: &[f32] = hidden.last().map_or(&ut, |h| h);
-            tile_product(out_layer, ti, src, rows, &mut o);
-            bias_act(
-                out_layer,
-                None,
-                out_layer.tiles[ti].cols.clone(),
-                rows,
-                &mut o,
-            );
+            tile_forward(plan, out_layer, ti, None, src, ld, &mut o);
         }
-        // 2. the input of degree k.
-        let row = (k - 1) * rows..k * rows;
-        let (bias, raw) = o[2 * (k - 1) * rows..2 * k * rows].split_at(rows);
+        // 2. the input of degree k, in every lane (the padding lanes stay finite).
+        let row = (k - 1) * ld..k * ld;
+        let (bias, raw) = o[2 * (k - 1) * ld..2 * k * ld].split_at(ld);
         transform(
             dir,
             plan.clamp,
@@ -484,7 +478,7 @@ fn sequential_impl(plan: &Plan, dir: Direction, x: &[f32], rows: usize) -> (Vec<
             &mut ut[row],
             &mut s,
         );
-        add_logdet(dir, &s, &mut ld);
+        add_logdet(dir, &s[..rows], &mut ld_sum);
         // 3. hidden units of degree k, layer by layer.
         for (l, layer) in hidden_layers.iter().enumerate() {
             let Some(ti) = layer.by_degree[k] else {
@@ -492,19 +486,12 @@ fn sequential_impl(plan: &Plan, dir: Direction, x: &[f32], rows: usize) -> (Vec<
             };
             let (before, rest) = hidden.split_at_mut(l);
             let src: &[f32] = if l == 0 { &ut } else { &before[l - 1] };
-            let dst = &mut rest[0];
-            tile_product(layer, ti, src, rows, dst);
-            bias_act(
-                layer,
-                Some(plan.act),
-                layer.tiles[ti].cols.clone(),
-                rows,
-                dst,
-            );
+            tile_forward(plan, layer, ti, Some(plan.act), src, ld, &mut rest[0]);
         }
     }
-    (
-        to_row_major(plan, &ut, rows),
-        ld.into_iter().map(|v| v as f32).collect(),
-    )
+    to_row_major(plan, &ut, rows, ld, y);
+    logdet
+        .iter_mut()
+        .zip(ld_sum)
+        .for_each(|(o, v)| *o = v as f32);
 }

@@ -10,6 +10,7 @@
 
 use std::ops::Range;
 
+use crate::backend::cpu::simd::Isa;
 use crate::error::{Error, Result};
 use crate::nn::mlp::{Activation, Mlp};
 use crate::ops::made::MadeSpec;
@@ -24,6 +25,10 @@ pub enum Tiling {
     /// Whole degree groups merged until a tile has at least this many units: fewer, larger
     /// GEMMs for the one-pass direction, at the cost of some masked-out work.
     MinWidth(usize),
+    /// Consecutive units in tiles of exactly this many (the last may be short), whatever their
+    /// degrees: each tile is one register block of the kernel, reading the prefix of its last
+    /// unit, so little more than the exact mask is multiplied.
+    Fixed(usize),
 }
 
 /// Consecutive output units (degree order) and the masked weights they need.
@@ -62,6 +67,8 @@ pub struct Plan {
     pub layers: Vec<PackedLayer>,
     pub act: Activation,
     pub clamp: f32,
+    /// The instruction set the tile products run on.
+    pub isa: Isa,
 }
 
 impl Plan {
@@ -131,6 +138,7 @@ impl Plan {
             layers,
             act: net.act,
             clamp: spec.clamp,
+            isa: Isa::best(),
         })
     }
 
@@ -179,25 +187,15 @@ impl PackedLayer {
     }
 
     fn make_tiles(&self, spec: &MadeSpec, l: usize, w: &Tensor, tiling: Tiling) -> Vec<Tile> {
-        let min_width = match tiling {
-            Tiling::Degree => 1,
-            Tiling::MinWidth(t) => t.max(1),
-        };
         let m = self.out_width;
         let mut tiles = Vec::new();
         let mut start = 0;
         while start < m {
-            let mut end = start;
-            // Take whole degree groups until the tile is wide enough.
-            loop {
-                let deg = self.out_deg[end];
-                while end < m && self.out_deg[end] == deg {
-                    end += 1;
-                }
-                if end == m || end - start >= min_width {
-                    break;
-                }
-            }
+            let end = match tiling {
+                Tiling::Fixed(width) => (start + width.max(1)).min(m),
+                Tiling::Degree => self.group_end(start, 1),
+                Tiling::MinWidth(width) => self.group_end(start, width.max(1)),
+            };
             let prefix = self.prefix(end - 1);
             let mut packed = vec![0.0f32; (end - start) * prefix];
             for c in start..end {
@@ -216,6 +214,22 @@ impl PackedLayer {
             start = end;
         }
         tiles
+    }
+
+    /// The end of a tile that starts at `start` and takes whole degree groups until it has at
+    /// least `min_width` units.
+    fn group_end(&self, start: usize, min_width: usize) -> usize {
+        let m = self.out_width;
+        let mut end = start;
+        loop {
+            let deg = self.out_deg[end];
+            while end < m && self.out_deg[end] == deg {
+                end += 1;
+            }
+            if end == m || end - start >= min_width {
+                return end;
+            }
+        }
     }
 
     /// Tile-by-tile gradient buffers of the right sizes.
