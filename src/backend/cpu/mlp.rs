@@ -18,15 +18,16 @@ use crate::tensor::{Shaped, Tensor};
 pub const TILE_ROWS: usize = 48;
 
 /// One layer y = x·W + b with W (k × n) padded to `n_pad` columns, and, for the backward,
-/// Wᵀ (n × k) padded to `k_pad` columns.
+/// Wᵀ (n × k) padded to `k_pad` columns (in buffers of the scratch arena: they are packed
+/// on every call).
 pub struct PackedLayer {
     pub k: usize,
     pub n: usize,
     pub k_pad: usize,
     pub n_pad: usize,
-    w: Vec<f32>,
-    b: Vec<f32>,
-    wt: Vec<f32>,
+    w: Scratch,
+    b: Scratch,
+    wt: Scratch,
 }
 
 /// The network's weights laid out for the kernel, once per op call (a copy of the weights,
@@ -61,23 +62,25 @@ pub struct Deltas {
 }
 
 impl PackedMlp {
-    /// Packs `net` (already shape-checked); `backward` also packs the transposed weights.
-    pub fn new(net: &Mlp<Tensor>, backward: bool) -> Self {
+    /// Packs `net` (already shape-checked); `transposed` also packs Wᵀ, which the backward
+    /// and [`PackedMlp::forward_tile_fm`] need.
+    pub fn new(net: &Mlp<Tensor>, transposed: bool) -> Self {
         let layers = net
             .layers
             .iter()
             .map(|l| {
                 let (k, n) = (l.w.rows(), l.w.cols());
                 let (k_pad, n_pad) = (padded(k), padded(n));
-                let mut w = vec![0.0f32; k * n_pad];
+                let mut w = Scratch::new(k * n_pad);
                 for (dst, src) in w.chunks_exact_mut(n_pad).zip(l.w.data().chunks_exact(n)) {
                     dst[..n].copy_from_slice(src);
+                    dst[n..].fill(0.0);
                 }
-                let mut b = vec![0.0f32; n_pad];
+                let mut b = Scratch::zeroed(n_pad);
                 b[..n].copy_from_slice(l.b.data());
-                let mut wt = Vec::new();
-                if backward {
-                    wt = vec![0.0f32; n * k_pad];
+                let mut wt = Scratch::new(0);
+                if transposed {
+                    wt = Scratch::zeroed(n * k_pad);
                     for (i, row) in l.w.data().chunks_exact(n).enumerate() {
                         for (j, &v) in row.iter().enumerate() {
                             wt[j * k_pad + i] = v;
@@ -205,6 +208,44 @@ impl PackedMlp {
         }
     }
 
+    /// The same forward, feature-major: input i of row r is `xt[i·TILE_ROWS + r]`, and the
+    /// output lands in `tape.out` as output j of row r at `j·TILE_ROWS + r`; padding lanes
+    /// (rows .. rows rounded up to [`PAD`]) are computed from whatever `xt` holds there.
+    ///
+    /// Each layer is Wᵀ (broadcast) times the activations (vectors along the rows), so a narrow
+    /// layer costs in proportion to its width: the 2-unit output of a D = 2 coupling is two
+    /// rows of the kernel rather than a 16-lane vector per row. Needs the transposed weights.
+    pub fn forward_tile_fm(&self, xt: &[f32], rows: usize, tape: &mut Tape) {
+        debug_assert!(rows <= TILE_ROWS);
+        let lanes = padded(rows);
+        let last = self.layers.len() - 1;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let (done, rest) = tape.hidden.split_at_mut(l.min(last));
+            let input: &[f32] = if l == 0 { xt } else { &done[l - 1] };
+            let o = Operands {
+                a: &layer.wt,
+                a_rs: layer.k_pad,
+                a_cs: 1,
+                b: input,
+                ldb: TILE_ROWS,
+                m: layer.n,
+                k: layer.k,
+                n: lanes,
+            };
+            let bias = Init::RowBias(&layer.b);
+            let width = layer.n * TILE_ROWS;
+            if l == last {
+                kernel::gemm(self.isa, &o, bias, Post::Linear, &mut tape.out, TILE_ROWS);
+            } else if self.act == Activation::Relu {
+                kernel::gemm(self.isa, &o, bias, Post::Relu, &mut rest[0], TILE_ROWS);
+            } else {
+                let pre = &mut tape.pre[l];
+                kernel::gemm(self.isa, &o, bias, Post::Linear, pre, TILE_ROWS);
+                activate(self.act, &pre[..width], &mut rest[0][..width]);
+            }
+        }
+    }
+
     /// Backward of the tile `forward_tile` left in `tape` (same `x`, `ldx`, `rows`), given
     /// dL/d output in `d_out` (row stride `out_pad`; padded columns zero): adds dL/dW and
     /// dL/db into `grads` and, when `dx` is given, writes dL/dx there (row stride `in_pad`).
@@ -294,6 +335,21 @@ impl PackedMlp {
 }
 
 impl Grads {
+    /// These gradients, unpadded, as a network of the packed one's shape.
+    pub fn to_mlp(&self, mlp: &PackedMlp) -> Mlp<Tensor> {
+        let mut tensors = Vec::with_capacity(2 * mlp.layers.len());
+        for ((layer, w), b) in mlp.layers.iter().zip(&self.w).zip(&self.b) {
+            let mut unpadded = Vec::with_capacity(layer.k * layer.n);
+            for row in w.chunks_exact(layer.n_pad) {
+                unpadded.extend_from_slice(&row[..layer.n]);
+            }
+            let w = Tensor::from_vec(layer.k, layer.n, unpadded);
+            tensors.push(w.expect("k · n values"));
+            tensors.push(Tensor::from_vec(1, layer.n, b[..layer.n].to_vec()).expect("n values"));
+        }
+        Mlp::from_tensors(mlp.act, tensors).expect("two tensors per layer")
+    }
+
     /// Adds these gradients (unpadded) into `net`-shaped gradients.
     pub fn add_to(&self, mlp: &PackedMlp, dst: &mut Mlp<Tensor>) {
         for (((layer, w), b), d) in mlp

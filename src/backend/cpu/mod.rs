@@ -10,6 +10,7 @@ pub mod scratch;
 pub mod simd;
 pub mod vmath;
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use rayon::prelude::*;
@@ -79,4 +80,106 @@ pub fn concat_rows(parts: Vec<Vec<f32>>, rows: usize, cols: usize) -> Tensor {
         data.extend_from_slice(&p);
     }
     Tensor::from_vec(rows, cols, data).expect("chunks cover the batch exactly")
+}
+
+/// New `rows × cols[j]` tensors filled in parallel: `fill(rows, [block of each output])` runs
+/// on consecutive blocks of at most `chunk` rows and gets each output's rows of the block,
+/// zeroed; the results come back in row order.
+///
+/// The outputs are not zeroed up front: each block is zeroed by the thread that fills it, just
+/// before it does. A large output's first-touch page faults and zeroing then run in parallel
+/// and in cache, instead of as a serial `calloc` memset before the parallel section.
+pub fn par_fill<const N: usize, T: Send>(
+    rows: usize,
+    chunk: usize,
+    cols: [usize; N],
+    fill: impl Fn(Range<usize>, [&mut [f32]; N]) -> T + Sync + Send,
+) -> ([Tensor; N], Vec<T>) {
+    assert!(cols.iter().all(|&c| c > 0), "par_fill: zero-width output");
+    let chunk = chunk.max(1);
+    let blocks = rows.div_ceil(chunk);
+    let mut bufs: [Vec<MaybeUninit<f32>>; N] = cols.map(|c| uninit(rows * c));
+    let mut width = cols.iter();
+    let mut parts = bufs.each_mut().map(|b| {
+        let w = *width.next().expect("one width per output");
+        b.chunks_mut(chunk * w).collect::<Vec<_>>().into_iter()
+    });
+    let jobs: Vec<[&mut [MaybeUninit<f32>]; N]> = (0..blocks)
+        .map(|_| {
+            parts
+                .each_mut()
+                .map(|p| p.next().expect("one block per output"))
+        })
+        .collect();
+    let results = jobs
+        .into_par_iter()
+        .enumerate()
+        .map(|(i, block)| fill(i * chunk..((i + 1) * chunk).min(rows), block.map(zeroed)))
+        .collect();
+    // Every value of every output lies in exactly one block, and `zeroed` wrote each block.
+    let mut width = cols.iter();
+    let tensors = bufs.map(|b| {
+        let c = *width.next().expect("one width per output");
+        // SAFETY: see above: all `rows · c` values were initialised.
+        let data = unsafe { assume_init(b) };
+        Tensor::from_vec(rows, c, data).expect("rows · cols values")
+    });
+    (tensors, results)
+}
+
+/// `len` values of uninitialised memory.
+fn uninit(len: usize) -> Vec<MaybeUninit<f32>> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: the capacity is `len`, and `MaybeUninit` needs no initialisation.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// Zeroes a block and returns it as initialised values.
+fn zeroed(block: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    for v in block.iter_mut() {
+        v.write(0.0);
+    }
+    // SAFETY: every value was just written; `MaybeUninit<f32>` has the layout of `f32`.
+    unsafe { &mut *(block as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
+/// The vector as initialised values.
+///
+/// # Safety
+/// Every value must have been written.
+unsafe fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: same allocation, length and capacity; `MaybeUninit<f32>` has the layout of
+    // `f32`, and the caller guarantees every value is initialised.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut f32, v.len(), v.capacity()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Shaped;
+
+    #[test]
+    fn par_fill_covers_every_row_once_in_order() {
+        for rows in [1usize, 7, 256, 1000] {
+            let ([a, b], firsts) = par_fill(rows, 256, [3, 1], |r, [a, b]| {
+                assert!(a.iter().chain(b.iter()).all(|&v| v == 0.0));
+                for (i, row) in a.chunks_exact_mut(3).enumerate() {
+                    row.fill((r.start + i) as f32);
+                }
+                b.iter_mut()
+                    .zip(r.clone())
+                    .for_each(|(v, i)| *v = -(i as f32));
+                r.start
+            });
+            assert_eq!(a.shape(), (rows, 3));
+            assert_eq!(b.shape(), (rows, 1));
+            assert!((0..rows).all(|i| a.row(i) == [i as f32; 3] && b.get(i, 0) == -(i as f32)));
+            assert_eq!(
+                firsts,
+                (0..rows.div_ceil(256)).map(|i| i * 256).collect::<Vec<_>>()
+            );
+        }
+    }
 }

@@ -14,14 +14,15 @@ mod spline;
 
 use std::ops::Range;
 
-use rayon::prelude::*;
 use spline::RqSpline;
 
 use super::{CouplingKind, CouplingOps, CouplingSpec};
 use crate::backend::Cpu;
-use crate::backend::cpu::CHUNK_ROWS;
+use crate::backend::cpu::kernel::PAD;
 use crate::backend::cpu::mlp::{Grads, PackedMlp, TILE_ROWS};
 use crate::backend::cpu::scratch::Scratch;
+use crate::backend::cpu::simd::simd_dispatch;
+use crate::backend::cpu::{CHUNK_ROWS, par_fill};
 use crate::error::{Error, Result};
 use crate::nn::mlp::Mlp;
 use crate::ops::Direction;
@@ -40,22 +41,21 @@ impl CouplingOps for Cpu {
     ) -> Result<(Tensor, Tensor)> {
         validate(OP, spec, net, input)?;
         let (rows, d) = (input.rows(), spec.dim);
-        let mlp = PackedMlp::new(net, false);
-        let mut out = Tensor::zeros(rows, d);
-        let mut logdet = Tensor::zeros(rows, 1);
+        // A conditioner narrower than a vector runs feature-major (see `forward_tile_fm`).
+        let feature_major = matches!(spec.kind, CouplingKind::Affine { .. }) && net.out_dim() < PAD;
+        let mlp = PackedMlp::new(net, feature_major);
         let x = input.data();
-        let chunks: Vec<Result<()>> = out
-            .data_mut()
-            .par_chunks_mut(CHUNK_ROWS * d)
-            .zip(logdet.data_mut().par_chunks_mut(CHUNK_ROWS))
-            .enumerate()
-            .map(|(i, (y, ld))| {
-                let r = i * CHUNK_ROWS..i * CHUNK_ROWS + ld.len();
-                forward_chunk(spec, &mlp, &x[r.start * d..r.end * d], y, ld, r, dir)
-            })
-            .collect();
-        // The first failing chunk in row order names the error.
-        chunks.into_iter().collect::<Result<()>>()?;
+        let ([out, logdet], chunks) = par_fill(rows, CHUNK_ROWS, [d, 1], |r, [y, ld]| {
+            let x = &x[r.start * d..r.end * d];
+            check_given(Stage::Input, "coupling input", x, d, r.start)?;
+            let done = if feature_major {
+                forward_chunk_fm(spec, &mlp, x, y, ld, r, dir)
+            } else {
+                forward_chunk(spec, &mlp, x, y, ld, r, dir)
+            };
+            done.map_err(|e| (Stage::Result, e))
+        });
+        in_order(chunks)?;
         Ok((out, logdet))
     }
 
@@ -70,30 +70,42 @@ impl CouplingOps for Cpu {
     ) -> Result<(Tensor, Mlp<Tensor>)> {
         validate(OP_BACKWARD, spec, net, input)?;
         let (rows, d) = (input.rows(), spec.dim);
-        d_out.expect_shape(OP_BACKWARD, rows, d)?;
-        d_logdet.expect_shape(OP_BACKWARD, rows, 1)?;
-        check_finite(d_out, "coupling_backward d_out")?;
-        check_finite(d_logdet, "coupling_backward d_logdet")?;
-        let mlp = PackedMlp::new(net, true);
-        let mut d_in = Tensor::zeros(rows, d);
-        let chunks: Vec<Result<Grads>> = d_in
-            .data_mut()
-            .par_chunks_mut(CHUNK_ROWS * d)
-            .enumerate()
-            .map(|(i, g)| {
-                let r = i * CHUNK_ROWS..i * CHUNK_ROWS + g.len() / d;
-                let given = Given {
-                    x: &input.data()[r.start * d..r.end * d],
-                    d_out: &d_out.data()[r.start * d..r.end * d],
-                    d_logdet: &d_logdet.data()[r.clone()],
-                };
-                backward_chunk(spec, &mlp, &given, g, r, dir)
-            })
-            .collect();
-        let mut grads = net.zeros_like();
-        for chunk in chunks {
-            chunk?.add_to(&mlp, &mut grads);
+        let shapes = d_out
+            .expect_shape(OP_BACKWARD, rows, d)
+            .and_then(|_| d_logdet.expect_shape(OP_BACKWARD, rows, 1));
+        if let Err(e) = shapes {
+            // A bad input is reported first (see `validate`).
+            check_finite(input, "coupling_backward input")?;
+            return Err(e);
         }
+        let mlp = PackedMlp::new(net, true);
+        let ([d_in], chunks) = par_fill(rows, CHUNK_ROWS, [d], |r, [g]| {
+            let given = Given {
+                x: &input.data()[r.start * d..r.end * d],
+                d_out: &d_out.data()[r.start * d..r.end * d],
+                d_logdet: &d_logdet.data()[r.clone()],
+            };
+            check_given(Stage::Input, "coupling_backward input", given.x, d, r.start)?;
+            check_given(
+                Stage::DOut,
+                "coupling_backward d_out",
+                given.d_out,
+                d,
+                r.start,
+            )?;
+            let ld = given.d_logdet;
+            check_given(Stage::DLogdet, "coupling_backward d_logdet", ld, 1, r.start)?;
+            backward_chunk(spec, &mlp, &given, g, r, dir).map_err(|e| (Stage::Result, e))
+        });
+        // Chunk partials are summed in row order.
+        let mut grads: Option<Mlp<Tensor>> = None;
+        for chunk in in_order(chunks)? {
+            match grads.as_mut() {
+                None => grads = Some(chunk.to_mlp(&mlp)),
+                Some(acc) => chunk.add_to(&mlp, acc),
+            }
+        }
+        let grads = grads.expect("a non-empty batch has at least one chunk");
         for (name, t) in grads.tensor_names().iter().zip(grads.tensors()) {
             check_finite(t, &format!("coupling_backward gradient of {name}"))?;
         }
@@ -112,16 +124,68 @@ fn validate(
     if input.rows() == 0 {
         return Err(Error::Empty(format!("{op}: the batch has no rows")));
     }
-    check_finite(input, &format!("{op} input"))?;
+    // The input is scanned by the chunks, in parallel (`Stage::Input`); only when a parameter
+    // is bad is it scanned here first, so that a bad input still wins, as it always has.
     for (name, t) in net.tensor_names().iter().zip(net.tensors()) {
-        check_finite(t, &format!("{op} conditioner {name}"))?;
+        if !all_finite(t.data()) {
+            check_finite(input, &format!("{op} input"))?;
+            check_finite(t, &format!("{op} conditioner {name}"))?;
+        }
     }
     Ok(())
 }
 
+/// Which check of an op an error comes from. The checks run per chunk, in parallel, but the
+/// op reports errors as if they ran one after another over the whole batch: the earliest
+/// stage wins, then the earliest row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Stage {
+    Input,
+    DOut,
+    DLogdet,
+    Result,
+}
+
+type Staged<T> = std::result::Result<T, (Stage, Error)>;
+
+/// The chunks' values in row order, or the error that the checks run in sequence would have
+/// met first.
+fn in_order<T>(chunks: Vec<Staged<T>>) -> Result<Vec<T>> {
+    let first = chunks
+        .iter()
+        .filter_map(|c| c.as_ref().err().map(|(stage, _)| *stage))
+        .min();
+    let mut values = Vec::with_capacity(chunks.len());
+    for chunk in chunks {
+        match chunk {
+            Ok(v) => values.push(v),
+            Err((stage, e)) if Some(stage) == first => return Err(e),
+            Err(_) => {}
+        }
+    }
+    Ok(values)
+}
+
+/// [`check_block`] for a chunk's rows of one of the op's given tensors.
+fn check_given(
+    stage: Stage,
+    what: &str,
+    data: &[f32],
+    cols: usize,
+    first_row: usize,
+) -> Staged<()> {
+    check_block(what, data, cols, first_row).map_err(|e| (stage, e))
+}
+
 /// Whether every value is finite: integer tests on the exponent bits with no early exit inside
-/// a stretch, so the scan vectorises (it runs over every input and output).
+/// a stretch, so the scan vectorises (it runs over every input and output), in the widest
+/// vector instructions available.
 fn all_finite(data: &[f32]) -> bool {
+    simd_dispatch!(all_finite_impl(data: &[f32]) -> bool)
+}
+
+#[inline(always)]
+fn all_finite_impl(data: &[f32]) -> bool {
     const EXP: u32 = 0x7f80_0000;
     data.chunks(4096).all(|c| {
         c.iter()
@@ -184,6 +248,46 @@ fn forward_chunk(
             dir,
         };
         transform.apply_rows(&rs, yt, ldt);
+    }
+    check_block("coupling output", y, d, rows.start)?;
+    check_block("coupling log-det", logdet, 1, rows.start)
+}
+
+/// [`forward_chunk`] for an affine layer with a narrow conditioner, feature-major: the copied
+/// half is gathered across a tile's rows, the conditioner output comes back one row per
+/// output unit, and the transform runs along the rows.
+fn forward_chunk_fm(
+    spec: &CouplingSpec,
+    mlp: &PackedMlp,
+    x: &[f32],
+    y: &mut [f32],
+    logdet: &mut [f32],
+    rows: Range<usize>,
+    dir: Direction,
+) -> Result<()> {
+    let CouplingKind::Affine { clamp } = spec.kind else {
+        unreachable!("the feature-major path is for affine layers");
+    };
+    let (d, a_cols) = (spec.dim, spec.copied_cols());
+    let mut tape = mlp.tape();
+    // Zeroed once, so the padding lanes of a short last tile hold zeros.
+    let mut xt = Scratch::zeroed(a_cols.len() * TILE_ROWS);
+    let tiles = x
+        .chunks(TILE_ROWS * d)
+        .zip(y.chunks_mut(TILE_ROWS * d))
+        .zip(logdet.chunks_mut(TILE_ROWS));
+    for ((xs, ys), lds) in tiles {
+        let n = lds.len();
+        for (i, col) in a_cols.clone().enumerate() {
+            let dst = &mut xt[i * TILE_ROWS..i * TILE_ROWS + n];
+            dst.iter_mut()
+                .zip(xs.chunks_exact(d))
+                .for_each(|(v, row)| *v = row[col]);
+        }
+        mlp.forward_tile_fm(&xt, n, &mut tape);
+        ys.copy_from_slice(xs);
+        let t = spec.transformed_cols();
+        affine::affine_apply_fm(clamp, dir, &tape.out, TILE_ROWS, d, t, ys, lds);
     }
     check_block("coupling output", y, d, rows.start)?;
     check_block("coupling log-det", logdet, 1, rows.start)

@@ -5,11 +5,10 @@
 mod pass;
 mod plan;
 
-use rayon::prelude::*;
-
 use super::{MadeOps, MadeSpec};
 use crate::backend::Cpu;
-use crate::backend::cpu::CHUNK_ROWS;
+use crate::backend::cpu::simd::simd_dispatch;
+use crate::backend::cpu::{CHUNK_ROWS, par_fill};
 use crate::error::{Error, Result};
 use crate::nn::mlp::Mlp;
 use crate::ops::Direction;
@@ -32,23 +31,31 @@ const BACKWARD_TILE: usize = 16;
 const FORWARD_CHUNK_ROWS: usize = 2 * CHUNK_ROWS;
 
 /// Errors on the first non-finite entry of `t`. The common all-finite case is one
-/// vectorisable pass (x·0 is 0 exactly when x is finite); `Tensor::check_finite` then names
-/// the position.
+/// vectorisable pass (x·0 is 0 exactly when x is finite) in the widest vector instructions
+/// available; `Tensor::check_finite` then names the position.
 fn check_finite(t: &Tensor, what: impl FnOnce() -> String) -> Result<()> {
+    if all_finite(t.data()) {
+        Ok(())
+    } else {
+        t.check_finite(&what())
+    }
+}
+
+fn all_finite(data: &[f32]) -> bool {
+    simd_dispatch!(all_finite_impl(data: &[f32]) -> bool)
+}
+
+#[inline(always)]
+fn all_finite_impl(data: &[f32]) -> bool {
     let mut acc = [0.0f32; 16];
-    let chunks = t.data().chunks_exact(16);
+    let chunks = data.chunks_exact(16);
     let tail = chunks.remainder();
     for c in chunks {
         for (a, &x) in acc.iter_mut().zip(c) {
             *a += x * 0.0;
         }
     }
-    let tail_ok = tail.iter().all(|x| x.is_finite());
-    if tail_ok && acc.iter().all(|&a| a == 0.0) {
-        Ok(())
-    } else {
-        t.check_finite(&what())
-    }
+    tail.iter().all(|x| x.is_finite()) && acc.iter().all(|&a| a == 0.0)
 }
 
 /// Everything the ops check before touching data.
@@ -84,13 +91,10 @@ fn forward_chunks(
     pass: impl Fn(&[f32], &mut [f32], &mut [f32]) + Sync + Send,
 ) -> Result<(Tensor, Tensor)> {
     let (rows, d) = input.shape();
-    let mut y = Tensor::zeros(rows, d);
-    let mut ld = Tensor::zeros(rows, 1);
-    y.data_mut()
-        .par_chunks_mut(chunk * d)
-        .zip(ld.data_mut().par_chunks_mut(chunk))
-        .zip(input.data().par_chunks(chunk * d))
-        .for_each(|((y, ld), x)| pass(x, y, ld));
+    let x = input.data();
+    let ([y, ld], _) = par_fill(rows, chunk, [d, 1], |r, [y, ld]| {
+        pass(&x[r.start * d..r.end * d], y, ld)
+    });
     check_finite(&y, || format!("{op} output"))?;
     check_finite(&ld, || format!("{op} logdet"))?;
     Ok((y, ld))
@@ -131,23 +135,16 @@ impl MadeOps for Cpu {
         check_finite(d_out, || format!("{OP} d_out"))?;
         check_finite(d_logdet, || format!("{OP} d_logdet"))?;
         let plan = Plan::new(spec, net, Tiling::MinWidth(BACKWARD_TILE))?;
-        let mut dx = Tensor::zeros(rows, d);
-        let parts: Vec<ChunkGrads> = dx
-            .data_mut()
-            .par_chunks_mut(CHUNK_ROWS * d)
-            .enumerate()
-            .map(|(i, dx)| {
-                let r = i * CHUNK_ROWS..i * CHUNK_ROWS + dx.len() / d;
-                pass::parallel_backward(
-                    &plan,
-                    dir,
-                    &input.data()[r.start * d..r.end * d],
-                    &d_out.data()[r.start * d..r.end * d],
-                    &d_logdet.data()[r],
-                    dx,
-                )
-            })
-            .collect();
+        let ([dx], parts) = par_fill(rows, CHUNK_ROWS, [d], |r, [dx]| {
+            pass::parallel_backward(
+                &plan,
+                dir,
+                &input.data()[r.start * d..r.end * d],
+                &d_out.data()[r.start * d..r.end * d],
+                &d_logdet.data()[r],
+                dx,
+            )
+        });
         // Chunk partials are summed in row order, so the result does not depend on threads.
         let mut total = ChunkGrads::zeros(&plan);
         for g in &parts {

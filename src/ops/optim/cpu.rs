@@ -2,6 +2,7 @@
 
 use super::{AdamHyper, OptimOps};
 use crate::backend::Cpu;
+use crate::backend::cpu::simd::simd_dispatch;
 use crate::error::Result;
 use crate::tensor::{Shaped, Tensor};
 
@@ -21,19 +22,47 @@ impl OptimOps for Cpu {
         m.expect_shape("adam_step", r, c)?;
         v.expect_shape("adam_step", r, c)?;
         let (lr_t, c2) = h.corrections(t);
-        let decay = 1.0 - h.lr * h.weight_decay;
-        for (((pi, &gi), mi), vi) in p
-            .data_mut()
-            .iter_mut()
-            .zip(g.data())
-            .zip(m.data_mut())
-            .zip(v.data_mut())
-        {
-            let gi = gi * grad_scale;
-            *mi = h.beta1 * *mi + (1.0 - h.beta1) * gi;
-            *vi = h.beta2 * *vi + (1.0 - h.beta2) * gi * gi;
-            *pi = *pi * decay - lr_t * *mi / ((*vi / c2).sqrt() + h.eps);
-        }
+        let step = Step {
+            lr_t,
+            c2,
+            decay: 1.0 - h.lr * h.weight_decay,
+            grad_scale,
+        };
+        adam(h, &step, p.data_mut(), g.data(), m.data_mut(), v.data_mut());
         Ok(())
+    }
+}
+
+/// The per-call constants of one Adam step.
+struct Step {
+    lr_t: f32,
+    c2: f32,
+    decay: f32,
+    grad_scale: f32,
+}
+
+/// The update over every element, in the widest vector instructions available (the same
+/// operations in the same order on every path, so the same results).
+fn adam(h: &AdamHyper, s: &Step, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+    simd_dispatch!(adam_impl(
+        h: &AdamHyper,
+        s: &Step,
+        p: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+    ) -> ())
+}
+
+/// Indexed over slices of one length (a four-way `zip` does not vectorise).
+#[inline(always)]
+fn adam_impl(h: &AdamHyper, s: &Step, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+    let n = p.len();
+    let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
+    for i in 0..n {
+        let gi = g[i] * s.grad_scale;
+        m[i] = h.beta1 * m[i] + (1.0 - h.beta1) * gi;
+        v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * gi * gi;
+        p[i] = p[i] * s.decay - s.lr_t * m[i] / ((v[i] / s.c2).sqrt() + h.eps);
     }
 }

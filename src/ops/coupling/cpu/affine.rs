@@ -106,6 +106,72 @@ fn apply_rows_impl(clamp: f32, rs: &Rows, tile: &mut [f32], logdet: &mut [f32]) 
     }
 }
 
+/// [`affine_apply_rows`] with the conditioner output feature-major: raw s_j of row r at
+/// `params[j·ld + r]`, b_j at `params[(n_B + j)·ld + r]`. Runs along the rows one
+/// transformed column at a time; log-dets are summed over the columns in f64, in order.
+#[allow(clippy::too_many_arguments)]
+pub fn affine_apply_fm(
+    clamp: f32,
+    dir: Direction,
+    params: &[f32],
+    ld: usize,
+    d: usize,
+    t: Range<usize>,
+    tile: &mut [f32],
+    logdet: &mut [f32],
+) {
+    simd_dispatch!(apply_fm_impl(
+        clamp: f32,
+        dir: Direction,
+        params: &[f32],
+        ld: usize,
+        d: usize,
+        t: Range<usize>,
+        tile: &mut [f32],
+        logdet: &mut [f32],
+    ) -> ())
+}
+
+/// The most rows [`affine_apply_fm`] takes at once (a tile of the conditioner).
+const FM_ROWS: usize = crate::backend::cpu::mlp::TILE_ROWS;
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn apply_fm_impl(
+    clamp: f32,
+    dir: Direction,
+    params: &[f32],
+    ld: usize,
+    d: usize,
+    t: Range<usize>,
+    tile: &mut [f32],
+    logdet: &mut [f32],
+) {
+    let (rows, nb) = (logdet.len(), t.len());
+    assert!(rows <= FM_ROWS, "affine_apply_fm: at most {FM_ROWS} rows");
+    let (mut v, mut s) = ([0.0f32; FM_ROWS], [0.0f32; FM_ROWS]);
+    let mut sum = [0.0f64; FM_ROWS];
+    for (j, col) in t.enumerate() {
+        let (raw, shift) = (&params[j * ld..][..rows], &params[(nb + j) * ld..][..rows]);
+        v.iter_mut()
+            .zip(tile.chunks_exact(d))
+            .for_each(|(v, row)| *v = row[col]);
+        affine_flat(clamp, dir, &mut v[..rows], raw, shift, &mut s[..rows]);
+        for (row, &v) in tile.chunks_exact_mut(d).zip(&v) {
+            row[col] = v;
+        }
+        sum.iter_mut()
+            .zip(&s[..rows])
+            .for_each(|(a, &s)| *a += s as f64);
+    }
+    for (ld, &sum) in logdet.iter_mut().zip(&sum) {
+        *ld = match dir {
+            Direction::Forward => sum,
+            Direction::Inverse => -sum,
+        } as f32;
+    }
+}
+
 /// Backward of [`affine_apply_rows`]: `x` holds the tile's input rows, `g` dL/d output on
 /// entry and dL/d input (transformed columns only) on return, `d_logdet` dL/d(row log-det);
 /// dL/d[raw s | b] is written into `g_params` (row stride `rs.ldp`).
@@ -138,7 +204,6 @@ fn backward_rows_impl(
 ) {
     let nb = rs.nb();
     if nb >= ROW_WISE {
-        let mut g_ld = Scratch::new(nb);
         let rows = g
             .chunks_exact_mut(rs.d)
             .zip(x.chunks_exact(rs.d))
@@ -147,12 +212,11 @@ fn backward_rows_impl(
         for (((g_row, x_row), (p, g_p)), &l) in rows {
             let (raw, shift) = p.split_at(nb);
             let (g_raw, g_shift) = g_p.split_at_mut(nb);
-            g_ld.fill(l);
             let flat = Flat {
                 x: &x_row[rs.t.clone()],
                 raw,
                 shift,
-                g_ld: &g_ld,
+                g_ld: |_| l,
             };
             let g_t = &mut g_row[rs.t.clone()];
             affine_backward_flat(clamp, rs.dir, &flat, g_t, g_raw, g_shift);
@@ -174,7 +238,7 @@ fn backward_rows_impl(
         x: &xv,
         raw: &raw,
         shift: &shift,
-        g_ld: &g_ld,
+        g_ld: |i| g_ld[i],
     };
     affine_backward_flat(clamp, rs.dir, &flat, &mut gv, &mut g_raw, &mut g_shift);
     Rows::scatter(&gv, g, rs.d, rs.t.clone());
@@ -182,7 +246,8 @@ fn backward_rows_impl(
     Rows::scatter(&g_shift, g_params, rs.ldp, nb..2 * nb);
 }
 
-/// The element-wise affine transform over flat arrays.
+/// The element-wise affine transform over flat arrays. (Indexed loops over slices cut to one
+/// length: a long `zip` chain here stops LLVM from vectorising once inlined row by row.)
 #[inline(always)]
 fn affine_flat(
     clamp: f32,
@@ -192,73 +257,71 @@ fn affine_flat(
     shift: &[f32],
     s: &mut [f32],
 ) {
-    let items = v.iter_mut().zip(raw).zip(shift).zip(s.iter_mut());
+    let n = v.len();
+    let (raw, shift, s) = (&raw[..n], &shift[..n], &mut s[..n]);
     match dir {
         // x_B = z_B·e^s + b (eq. 18.10).
         Direction::Forward => {
-            for (((x, &r), &b), sj) in items {
-                *sj = soft_clamp(r, clamp);
-                *x = *x * vmath::exp(*sj) + b;
+            for i in 0..n {
+                s[i] = soft_clamp(raw[i], clamp);
+                v[i] = v[i] * vmath::exp(s[i]) + shift[i];
             }
         }
         // z_B = (x_B − b)·e^(−s).
         Direction::Inverse => {
-            for (((x, &r), &b), sj) in items {
-                *sj = soft_clamp(r, clamp);
-                *x = (*x - b) * vmath::exp(-*sj);
+            for i in 0..n {
+                s[i] = soft_clamp(raw[i], clamp);
+                v[i] = (v[i] - shift[i]) * vmath::exp(-s[i]);
             }
         }
     }
 }
 
-/// Flat inputs of the affine backward: the layer's input half, [raw s | b], and each value's
-/// row dL/d logdet.
-struct Flat<'a> {
+/// Inputs of the affine backward: the layer's input half and [raw s | b], as flat arrays or
+/// one row's slices, and dL/d logdet for value i.
+struct Flat<'a, L: Fn(usize) -> f32> {
     x: &'a [f32],
     raw: &'a [f32],
     shift: &'a [f32],
-    g_ld: &'a [f32],
+    g_ld: L,
 }
 
 /// `g` holds dL/d output on entry and dL/d input on return.
 #[inline(always)]
-fn affine_backward_flat(
+fn affine_backward_flat<L: Fn(usize) -> f32>(
     clamp: f32,
     dir: Direction,
-    f: &Flat,
+    f: &Flat<L>,
     g: &mut [f32],
     g_raw: &mut [f32],
     g_shift: &mut [f32],
 ) {
-    let items = g
-        .iter_mut()
-        .zip(f.x)
-        .zip(f.raw.iter().zip(f.shift))
-        .zip(f.g_ld)
-        .zip(g_raw.iter_mut().zip(g_shift.iter_mut()));
+    let n = g.len();
+    let (x, raw, shift) = (&f.x[..n], &f.raw[..n], &f.shift[..n]);
+    let (g_raw, g_shift) = (&mut g_raw[..n], &mut g_shift[..n]);
     match dir {
         // x = z·e^s + b, logdet += s: ∂x/∂z = e^s, ∂x/∂s = z·e^s, ∂x/∂b = 1.
         Direction::Forward => {
-            for ((((gv, &z), (&r, _)), &g_ld), (gr, gb)) in items {
-                let t = vmath::tanh(r / clamp);
+            for i in 0..n {
+                let t = vmath::tanh(raw[i] / clamp);
                 let e = vmath::exp(clamp * t);
-                let g_s = *gv * z * e + g_ld;
+                let g_s = g[i] * x[i] * e + (f.g_ld)(i);
                 // d(c·tanh(r/c))/dr = 1 − tanh².
-                *gr = g_s * (1.0 - t * t);
-                *gb = *gv;
-                *gv *= e;
+                g_raw[i] = g_s * (1.0 - t * t);
+                g_shift[i] = g[i];
+                g[i] *= e;
             }
         }
         // z = (x − b)·e^(−s), logdet −= s: ∂z/∂x = e^(−s), ∂z/∂s = −z, ∂z/∂b = −e^(−s).
         Direction::Inverse => {
-            for ((((gv, &x), (&r, &b)), &g_ld), (gr, gb)) in items {
-                let t = vmath::tanh(r / clamp);
+            for i in 0..n {
+                let t = vmath::tanh(raw[i] / clamp);
                 let e = vmath::exp(-clamp * t);
-                let z = (x - b) * e;
-                let g_s = -*gv * z - g_ld;
-                *gr = g_s * (1.0 - t * t);
-                *gb = -*gv * e;
-                *gv *= e;
+                let z = (x[i] - shift[i]) * e;
+                let g_s = -g[i] * z - (f.g_ld)(i);
+                g_raw[i] = g_s * (1.0 - t * t);
+                g_shift[i] = -g[i] * e;
+                g[i] *= e;
             }
         }
     }
