@@ -23,6 +23,8 @@ mod narrow;
 mod pass;
 mod probes;
 mod scratch;
+pub mod step;
+mod step_cpu;
 
 use serde::{Deserialize, Serialize};
 
@@ -31,7 +33,11 @@ use crate::error::{Error, Result};
 use crate::nn::mlp::{Activation, Mlp};
 use crate::tensor::Shaped;
 
-pub use probes::{ProbeKind, probe_value, probes};
+pub use probes::{MAX_PROBE_ROW, ProbeKind, generated_probes, probe_value, probes};
+pub use step::{
+    Dense, OdeStepOps, OdeSummary, OdeSystem, Phase, RowStatus, STATE_COLS, ShareMode, StepControl,
+    col,
+};
 
 /// How the divergence Tr(∂f/∂z) is computed.
 #[derive(Debug)]
@@ -44,6 +50,17 @@ pub enum TraceMode<'a, M> {
     /// Hutchinson's estimator (1/M)·Σ_m ε_mᵀ (∂f/∂z) ε_m with the probes of each row: a B×(M·D)
     /// matrix whose row r holds ε_0, …, ε_{M−1} of row r one after the other (see [`probes`]).
     Hutchinson(&'a M),
+    /// Hutchinson's estimator with `m` probes drawn where they are used, by the counter hash of
+    /// [`probe_value`] (a grid device generates them in the kernel: no probe matrix is read).
+    /// Row r of the batch uses the probes of row `rows[r]` (a B×1 matrix of integer-valued row
+    /// indices below [`MAX_PROBE_ROW`], e.g. the caller's rows of a compacted active set), or
+    /// of row r itself when `rows` is None: the same numbers as [`generated_probes`].
+    Generated {
+        m: usize,
+        kind: ProbeKind,
+        seed: u64,
+        rows: Option<&'a M>,
+    },
 }
 
 impl<M> Clone for TraceMode<'_, M> {
@@ -59,20 +76,27 @@ impl<M: Shaped> TraceMode<'_, M> {
         match self {
             TraceMode::Exact => dim,
             TraceMode::Hutchinson(p) => p.cols() / dim.max(1),
+            TraceMode::Generated { m, .. } => *m,
         }
     }
 
     fn check(&self, op: &'static str, rows: usize, dim: usize) -> Result<()> {
-        if let TraceMode::Hutchinson(p) = self
-            && (p.rows() != rows || p.cols() == 0 || !p.cols().is_multiple_of(dim))
-        {
-            return Err(Error::shape(
-                op,
-                format!("Hutchinson probes {rows}x(M·{dim}) with M >= 1"),
-                format!("{}x{}", p.rows(), p.cols()),
-            ));
+        match self {
+            TraceMode::Hutchinson(p)
+                if p.rows() != rows || p.cols() == 0 || !p.cols().is_multiple_of(dim) =>
+            {
+                Err(Error::shape(
+                    op,
+                    format!("Hutchinson probes {rows}x(M·{dim}) with M >= 1"),
+                    format!("{}x{}", p.rows(), p.cols()),
+                ))
+            }
+            TraceMode::Generated { m: 0, .. } => Err(Error::invalid(format!(
+                "{op}: Hutchinson's estimator needs at least one probe"
+            ))),
+            TraceMode::Generated { rows: Some(ids), .. } => ids.expect_shape(op, rows, 1),
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -121,7 +145,7 @@ pub struct FieldVjp<M> {
 }
 
 /// Vector-field ops; see the module documentation for the conventions.
-pub trait Rk45Ops: Device {
+pub trait Rk45Ops: Device + OdeStepOps {
     /// f(z, t): B×D.
     ///
     /// Errors: the MLP is not D+1 → D, z is not B×D or t not B×1, B = 0, a non-finite z or t.

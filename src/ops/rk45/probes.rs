@@ -19,7 +19,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::tensor::Tensor;
+use crate::tensor::{Shaped, Tensor};
 
 /// The distribution of Hutchinson probes: both have E[εεᵀ] = I, so E[εᵀAε] = Tr(A) (eq. 18.30).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,4 +77,60 @@ pub fn probes(rows: usize, dim: usize, m: usize, kind: ProbeKind, seed: u64) -> 
     Ok(Tensor::from_fn(rows, cols, |r, c| {
         probe_value(kind, seed, (r * cols + c) as u64)
     }))
+}
+
+/// Row indices of generated probes (and of the rows of a device solve) travel as f32 values,
+/// which are exact integers below 2^24.
+pub const MAX_PROBE_ROW: usize = 1 << 24;
+
+/// The probes of [`TraceMode::Generated`](super::TraceMode::Generated) as a matrix: `rows`×(m·dim),
+/// row r holding the probes of row `ids[r]` (or of r itself), the same values as rows of
+/// [`probes`] with the same seed.
+///
+/// Errors: zero rows, dim or m; ids of the wrong shape, or not integers in [0, 2^24).
+pub fn generated_probes(
+    rows: usize,
+    dim: usize,
+    m: usize,
+    kind: ProbeKind,
+    seed: u64,
+    ids: Option<&Tensor>,
+) -> Result<Tensor> {
+    if rows == 0 {
+        return Err(Error::Empty("Hutchinson probes for zero rows".into()));
+    }
+    if dim == 0 || m == 0 {
+        return Err(Error::invalid(format!(
+            "Hutchinson probes need dim >= 1 and at least one probe (dim {dim}, probes {m})"
+        )));
+    }
+    let row_of = |r: usize| -> Result<usize> {
+        match ids {
+            None if r < MAX_PROBE_ROW => Ok(r),
+            None => Err(Error::invalid(format!(
+                "generated probes: row {r} is beyond the 2^24 rows that f32 row indices reach"
+            ))),
+            Some(ids) => {
+                let v = ids.data()[r];
+                if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && (v as usize) < MAX_PROBE_ROW
+                {
+                    Ok(v as usize)
+                } else {
+                    Err(Error::invalid(format!(
+                        "generated probes: row index {v} (row {r}) is not an integer in [0, 2^24)"
+                    )))
+                }
+            }
+        }
+    };
+    if let Some(ids) = ids {
+        ids.expect_shape("generated probes: row indices", rows, 1)?;
+    }
+    let cols = m * dim;
+    let mut data = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        let base = (row_of(r)? * cols) as u64;
+        data.extend((0..cols as u64).map(|c| probe_value(kind, seed, base + c)));
+    }
+    Tensor::from_vec(rows, cols, data)
 }
