@@ -90,7 +90,9 @@ elem_col_stats_f32(const float* __restrict__ x, float* __restrict__ out, float* 
     __syncthreads();
     for (int half = FF_COL_LANES / 2; half > 0; half >>= 1) {
         if (ty < half) acc[ty][threadIdx.x] += acc[ty + half][threadIdx.x];
+#ifndef FF_PLANT_NO_BARRIER  // a planted bug for the emulator's tests removes this barrier
         __syncthreads();
+#endif
     }
     const float total = acc[0][threadIdx.x];
     if (mode == 0) {

@@ -11,8 +11,18 @@ logdet_row_sum_f32(const float* __restrict__ x, float* __restrict__ out, int row
     if (row >= rows) return;  // whole warps leave together: rows map to warps
     const float* xr = x + row * cols;
     float s = 0.0f;
+#ifdef FF_PLANT_OFF_BY_ONE
+    // Planted bug, built only for the emulator's tests: the bound admits one column too many.
+    for (int j = lane; j <= cols; j += FF_WARP) s += xr[j];
+#else
     for (int j = lane; j < cols; j += FF_WARP) s += xr[j];
+#endif
+#ifdef FF_PLANT_WRONG_SHUFFLE
+    // Planted bug, built only for the emulator's tests: the butterfly pairs the wrong lanes.
+    for (int offset = 15; offset > 0; offset >>= 1) s += __shfl_xor_sync(FF_FULL_MASK, s, offset);
+#else
     s = ff_warp_sum(s);
+#endif
     if (lane == 0) out[row] = s;
 }
 

@@ -2,6 +2,8 @@
 //! gradient against finite differences, ActNorm's data-dependent initialisation, checkpoints,
 //! and training on two moons (the density integrates to one; the test NLL is good).
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use flowfuse::backend::{Backend, Cpu};
@@ -102,6 +104,8 @@ fn roundtrip_and_logdet_cpu() {
     check_roundtrip_and_logdet(&Cpu);
 }
 
+on_grid_backends!(roundtrip_and_logdet, super::check_roundtrip_and_logdet);
+
 /// The gradient of the mean NLL with respect to a sample of parameters of every tensor.
 fn check_nll_gradient<B: Backend>(b: &B) {
     for family in FAMILIES {
@@ -143,6 +147,8 @@ fn check_nll_gradient<B: Backend>(b: &B) {
 fn nll_gradient_matches_fd_cpu() {
     check_nll_gradient(&Cpu);
 }
+
+on_grid_backends!(nll_gradient, super::check_nll_gradient);
 
 #[test]
 fn actnorm_initialises_from_data() {
@@ -267,3 +273,29 @@ fn maf_learns_two_moons() {
     let nll = train_moons(Family::Maf, 1200);
     assert!(nll < 0.75, "MAF test NLL {nll}");
 }
+
+/// A few training steps on a backend give the same parameters as on the CPU reference: the
+/// whole training path (gathers, fused layers, reductions, Adam) agrees, not just single ops.
+fn check_training_matches_cpu<B: Backend>(b: &B) {
+    for family in [Family::RealNvp, Family::Maf] {
+        let cpu_flow = |seed| random_flow(&Cpu, family, 2, seed);
+        let mut on_cpu = cpu_flow(31);
+        let mut on_b = {
+            let host = random_flow(&Cpu, family, 2, 31);
+            let layers = host.states(&Cpu).unwrap().iter().map(|s| flowfuse::flows::layer_from_state(b, s).unwrap()).collect();
+            Flow::new(2, layers).unwrap()
+        };
+        let mut rng = Rng::new(5);
+        let data = moons(600, &mut rng);
+        let (tr, te) = train_test_split(&data, 0.25, &mut rng).unwrap();
+        let cfg = TrainConfig { steps: 15, batch: 96, eval_every: 15, progress: false, ..TrainConfig::default() };
+        let r_cpu = train(&mut on_cpu, &Cpu, &tr, &te, &cfg, None).unwrap();
+        let r_b = train(&mut on_b, b, &tr, &te, &cfg, None).unwrap();
+        assert!((r_cpu.test_nll - r_b.test_nll).abs() < 1e-3, "{}: test NLL {} on the CPU, {} on {}", family.name(), r_cpu.test_nll, r_b.test_nll, b.name());
+        for (k, (p, q)) in on_cpu.params().iter().zip(on_b.params()).enumerate() {
+            assert_close(&format!("{} parameter {k} after training", family.name()), &b.download(q).unwrap(), p, 1e-3, 1e-3);
+        }
+    }
+}
+
+on_grid_backends!(training_matches_cpu, super::check_training_matches_cpu);

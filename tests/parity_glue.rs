@@ -195,3 +195,57 @@ on_grid_backends!(reductions, super::check_reductions);
 on_grid_backends!(elementwise, super::check_elementwise);
 on_grid_backends!(adam, super::check_adam);
 on_grid_backends!(adam_copy_on_write, super::check_adam_copy_on_write);
+
+/// Planted bugs (build/emu.rs `VARIANTS`, `#ifdef FF_PLANT_*` in kernels/logdet.cu and
+/// kernels/elementwise.cu) must make the very parity bodies above fail. Returns, per thread
+/// order, whether the body failed.
+fn caught_by(variant: &'static str, body: fn(&flowfuse::backend::emu::Emu)) -> Vec<(String, bool)> {
+    use flowfuse::backend::emu::{Emu, ThreadOrder};
+    [
+        ThreadOrder::Forward,
+        ThreadOrder::Reverse,
+        ThreadOrder::Shuffle(1),
+        ThreadOrder::Shuffle(2),
+    ]
+    .into_iter()
+    .map(|order| {
+        let b = Emu::planted(order, variant);
+        let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&b))).is_err();
+        (format!("{order:?}"), failed)
+    })
+    .collect()
+}
+
+#[test]
+fn planted_off_by_one_is_caught() {
+    let caught = caught_by("planted_off_by_one", check_reductions);
+    assert!(
+        caught.iter().all(|(_, c)| *c),
+        "an off-by-one bound slipped through: {caught:?}"
+    );
+}
+
+#[test]
+fn planted_wrong_shuffle_lane_is_caught() {
+    let caught = caught_by("planted_wrong_shuffle", check_reductions);
+    assert!(
+        caught.iter().all(|(_, c)| *c),
+        "a wrong shuffle lane slipped through: {caught:?}"
+    );
+}
+
+#[test]
+fn planted_missing_barrier_is_caught_by_a_thread_order() {
+    let caught = caught_by("planted_no_barrier", check_elementwise);
+    eprintln!("missing barrier in elem_col_stats_f32, caught per order: {caught:?}");
+    // Whether an order exposes a race depends on which thread reaches the shared read first;
+    // the reversed and shuffled orders exist so that one of them does.
+    assert!(
+        caught
+            .iter()
+            .filter(|(o, _)| o != "Forward")
+            .any(|(_, c)| *c),
+        "a missing barrier slipped through every non-forward order: {caught:?}"
+    );
+    assert!(caught.iter().any(|(_, c)| *c));
+}

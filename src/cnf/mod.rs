@@ -16,8 +16,10 @@ pub mod integrate;
 pub mod matching;
 pub mod model;
 pub mod objective;
+pub mod scaled;
 pub mod trace;
 
 pub use field::{FieldConfig, FieldState, VectorField};
 pub use model::{Cnf, CnfConfig, CnfState, Objective, SolverSettings};
+pub use scaled::ScaledCnf;
 pub use trace::Trace;

@@ -95,8 +95,7 @@ pub struct CudaGrid {
     _ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: Vec<(LoadedFamily, Arc<CudaModule>)>,
-    /// Loaded functions, and whether each has opted in to more than 48 KiB of dynamic shared
-    /// memory (a launch that needs more may come after a smaller one).
+    /// Loaded functions, and whether their dynamic shared-memory limit has been raised.
     functions: Mutex<HashMap<&'static str, (CudaFunction, bool)>>,
     description: String,
 }
@@ -185,32 +184,29 @@ impl CudaGrid {
             op: "kernel cache".into(),
             reason: "poisoned lock".into(),
         })?;
-        let (f, opted_in) = match cache.get(name) {
-            Some(entry) => entry.clone(),
-            None => {
-                let f = self
-                    .modules
-                    .iter()
-                    .find_map(|(_, m)| m.load_function(name).ok())
-                    .ok_or_else(|| {
-                        Error::NoKernelImage(format!("kernel {name} is in no loaded module"))
-                    })?;
-                (f, false)
-            }
-        };
-        let opted_in = if smem > DEFAULT_SMEM_LIMIT && !opted_in {
+        if !cache.contains_key(name) {
+            let f = self
+                .modules
+                .iter()
+                .find_map(|(_, m)| m.load_function(name).ok())
+                .ok_or_else(|| {
+                    Error::NoKernelImage(format!("kernel {name} is in no loaded module"))
+                })?;
+            cache.insert(name, (f, false));
+        }
+        let (f, raised) = cache.get_mut(name).expect("inserted above");
+        // The first launch that needs more than 48 KiB raises the limit, also when earlier
+        // launches of the same kernel (smaller tiles) did not.
+        if smem > DEFAULT_SMEM_LIMIT && !*raised {
             // Large tiles opt in to the full shared memory of the SM (227 KiB on Hopper).
             f.set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 227 * 1024,
             )
             .map_err(|e| driver_err(name, e))?;
-            true
-        } else {
-            opted_in
-        };
-        cache.insert(name, (f.clone(), opted_in));
-        Ok(f)
+            *raised = true;
+        }
+        Ok(f.clone())
     }
 }
 

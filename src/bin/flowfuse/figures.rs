@@ -3,8 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
+use flowfuse::cnf::ScaledCnf;
 use flowfuse::flows::Flow;
-use flowfuse::plot::figures::{density_figure, density_grid, panels_figure, scatter_figure};
+use flowfuse::plot::figures::{
+    density_figure, density_grid, panels_figure, scatter_figure, trajectories_figure,
+};
 use flowfuse::{Backend, Result, Rng, Shaped, Tensor};
 
 /// Grid nodes per axis of the density heat map.
@@ -145,4 +148,73 @@ fn stage_panels(stages: &[Tensor]) -> Vec<(String, Tensor)> {
             (title, stages[i].clone())
         })
         .collect()
+}
+
+/// Paths drawn in the trajectory figure, and the times each is sampled at.
+const PATHS: usize = 300;
+const PATH_TIMES: usize = 41;
+
+/// Writes density.png, samples.png and trajectories.png (Fig. 18.6) for a continuous flow.
+pub fn cnf_figures<B: Backend>(
+    b: &B,
+    model: &ScaledCnf<B>,
+    data: &Tensor,
+    out: &Path,
+    seed: u64,
+) -> Result<Vec<PathBuf>> {
+    let extent = extent_of(data);
+    let shown = data.slice_rows(0, POINTS);
+    let grid = log_density_grid(b, extent, |b, x| Ok(model.log_prob(b, x)?.0))?;
+    let density = out.join("density.png");
+    density_figure(
+        &density,
+        "cnf: learned density (exact trace)",
+        extent,
+        &grid,
+        Some(&shown),
+    )?;
+
+    let mut rng = Rng::new(seed ^ 0x5EED);
+    let samples = b.download(&model.sample(b, POINTS, &mut rng)?.0)?;
+    let samples_png = out.join("samples.png");
+    scatter_figure(
+        &samples_png,
+        "cnf: samples vs data",
+        extent,
+        &[
+            ("data", &shown, [120, 120, 120]),
+            ("samples", &samples, [220, 80, 30]),
+        ],
+    )?;
+
+    let times: Vec<f64> = (0..PATH_TIMES)
+        .map(|k| k as f64 / (PATH_TIMES - 1) as f64)
+        .collect();
+    let (states, _) = model.trajectories(b, PATHS, &times, &mut rng)?;
+    let paths: Vec<Vec<[f32; 2]>> = (0..PATHS)
+        .map(|i| states.iter().map(|s| [s.get(i, 0), s.get(i, 1)]).collect())
+        .collect();
+    let all: Vec<&Tensor> = states.iter().collect();
+    let window = union_extent(&all, extent);
+    let traj = out.join("trajectories.png");
+    trajectories_figure(
+        &traj,
+        "cnf: paths, t = 0 to t = 1",
+        window,
+        &paths,
+        Some(&shown),
+    )?;
+    Ok(vec![density, samples_png, traj])
+}
+
+/// `base` widened to hold the central 99% of every set (the Gaussian end is wider than the data).
+fn union_extent(sets: &[&Tensor], base: [f32; 4]) -> [f32; 4] {
+    sets.iter().map(|t| robust_extent(t)).fold(base, |a, e| {
+        [
+            a[0].min(e[0]),
+            a[1].max(e[1]),
+            a[2].min(e[2]),
+            a[3].max(e[3]),
+        ]
+    })
 }

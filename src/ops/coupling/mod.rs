@@ -2,6 +2,7 @@
 //! transform of the other half, and the per-row log-determinant (eq. 18.10–18.14).
 
 pub mod cpu;
+pub mod cuda;
 
 use serde::{Deserialize, Serialize};
 
