@@ -612,7 +612,9 @@ rk45_field_vjp_f32(const float* __restrict__ w0, const float* __restrict__ b0, c
                 double* gb = gw + (long long)nin * nout;
                 rk_gemm(
                     nin, nout, RS,
-                    [&](int m, int k) { return xin[k * ldin + m]; },
+                    // Rows of weight 0 (past the batch, or masked out) add exactly nothing,
+                    // even when their values are not finite.
+                    [&](int m, int k) { return row_w[k % R] != 0.0f ? xin[k * ldin + m] : 0.0f; },
                     [&](int k, int n) {
                         const float wr = row_w[k % R];
                         return wr != 0.0f ? g[k * ldg_s + n] * wr : 0.0f;
@@ -928,9 +930,10 @@ rk45_step_end_f32(float* __restrict__ y, float* __restrict__ k0, const float* __
     const long long r = gid / lanes;
     const int sub = (int)(gid % lanes);
     const bool in_batch = r < rows;
+    // Threads past the batch carry a finished row of zeros through the collectives.
     float s[RK_STATE_COLS];
 #pragma unroll
-    for (int q = 0; q < RK_STATE_COLS; ++q) s[q] = in_batch ? state[r * RK_STATE_COLS + q] : RK_DONE;
+    for (int q = 0; q < RK_STATE_COLS; ++q) s[q] = in_batch ? state[r * RK_STATE_COLS + q] : 0.0f;
     if (!in_batch) s[RK_STATUS] = RK_DONE;
     const float* ks[7] = {k0, k1, k2, k3, k4, k5, k6};
     if (phase & RK_PHASE_ERROR) {
@@ -980,7 +983,8 @@ rk45_step_end_f32(float* __restrict__ y, float* __restrict__ k0, const float* __
         if (s[RK_STATUS] == RK_ACTIVE && (int)(s[RK_ACCEPTED] + s[RK_REJECTED]) >= c.max_steps) s[RK_STATUS] = RK_MAXSTEPS;
     }
     if (phase & RK_PHASE_UPDATE) {
-        const bool moved = s[RK_VERDICT] == 1.0f && (s[RK_STATUS] == RK_ACTIVE || s[RK_STATUS] == RK_DONE);
+        const bool moved =
+            in_batch && s[RK_VERDICT] == 1.0f && (s[RK_STATUS] == RK_ACTIVE || s[RK_STATUS] == RK_DONE);
         if (moved) {
             if (y_eval && n_eval > 0) {
                 const long long id = (long long)ids[r];
@@ -1041,7 +1045,7 @@ rk45_initial_step_f32(const float* __restrict__ y0, const float* __restrict__ f0
     const bool in_batch = r < rows;
     float s[RK_STATE_COLS];
 #pragma unroll
-    for (int q = 0; q < RK_STATE_COLS; ++q) s[q] = in_batch ? state[r * RK_STATE_COLS + q] : RK_DONE;
+    for (int q = 0; q < RK_STATE_COLS; ++q) s[q] = in_batch ? state[r * RK_STATE_COLS + q] : 0.0f;
     if (!in_batch) s[RK_STATUS] = RK_DONE;
     const bool act = s[RK_STATUS] == RK_ACTIVE;
     // Scaled sums of squares of y0, f0 and (f1 − f0); a non-finite derivative.

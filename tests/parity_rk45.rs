@@ -265,12 +265,14 @@ fn check_rhs<B: Backend>(b: &B) {
     let c = Tensor::randn(rows, 1, &mut rng);
     let p = probes(rows, dim, 2, ProbeKind::Rademacher, 4).unwrap();
     let (netd, td, idsd, cd, pd) = (up_net(b, &net), up(b, &t), up(b, &ids), up(b, &c), up(b, &p));
-    let generated = |ids| TraceMode::Generated {
-        m: 1,
-        kind: ProbeKind::Gaussian,
-        seed: 6,
-        rows: Some(ids),
-    };
+    fn generated<M>(ids: &M) -> TraceMode<'_, M> {
+        TraceMode::Generated {
+            m: 1,
+            kind: ProbeKind::Gaussian,
+            seed: 6,
+            rows: Some(ids),
+        }
+    }
     let cases: [(&str, usize); 6] = [
         ("field", dim),
         ("div exact", dim + 1),
@@ -629,12 +631,14 @@ fn check_quadrature<B: Backend>(b: &B) {
             // A non-finite row whose weight is zero adds nothing.
             y.set(3, 0, f32::NAN);
             let t = Tensor::rand_uniform(rows, 1, 0.0, 1.0, &mut rng);
-            let generated = |ids| TraceMode::Generated {
-                m: 2,
-                kind: ProbeKind::Rademacher,
-                seed: 15,
-                rows: Some(ids),
-            };
+            fn generated<M>(ids: &M) -> TraceMode<'_, M> {
+                TraceMode::Generated {
+                    m: 2,
+                    kind: ProbeKind::Rademacher,
+                    seed: 15,
+                    rows: Some(ids),
+                }
+            }
             let factor = -0.3 * (s + 1) as f64;
             cpu.ode_quad_add(
                 &mut acc_h,
