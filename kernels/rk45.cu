@@ -153,7 +153,8 @@ FF_DEVICE void rk_act(int code, float x, float* s, float* d1, float* d2) {
 
 // ---------------------------------------------------------------------------------------------
 // Hutchinson probes from the counter hash of src/ops/rk45/probes.rs, bit for bit: splitmix64's
-// finaliser twice, then a sign (Rademacher) or Box–Muller in f64 (Gaussian).
+// finaliser twice, then a sign (Rademacher) or Box–Muller in f64 (Gaussian) with the
+// reference's own ln and cos (fixed fma polynomials: the same bits on every device).
 
 FF_DEVICE unsigned long long rk_mix(unsigned long long x) {
     x ^= x >> 30;
@@ -163,13 +164,58 @@ FF_DEVICE unsigned long long rk_mix(unsigned long long x) {
     return x ^ (x >> 31);
 }
 
+// ln x for a normal x > 0 (src/ops/rk45/probes.rs `portable_ln`, operation for operation).
+FF_DEVICE double rk_ln(double x) {
+    const unsigned long long bits = (unsigned long long)__double_as_longlong(x);
+    long long e = (long long)((bits >> 52) & 0x7FFull) - 1023;
+    double m = __longlong_as_double((long long)((bits & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull));
+    if (m > 1.41421356237309504880168872420969808) {
+        m *= 0.5;
+        e += 1;
+    }
+    const double s = (m - 1.0) / (m + 1.0);
+    const double z = s * s;
+    double p = 1.0 / 27.0;
+    for (int k = 12; k >= 1; --k) p = fma(p, z, 1.0 / (double)(2 * k + 1));
+    const double t = fma(s * z, p, s);
+    return fma((double)e, 0.693147180559945309417232121458176568, 2.0 * t);
+}
+
+// k! for k = 0..19, exact in f64.
+FF_DEVICE double rk_factorial(int k) {
+    double f = 1.0;
+    for (int i = 2; i <= k; ++i) f *= (double)i;
+    return f;
+}
+
+// cos(2π·v/2^32) (src/ops/rk45/probes.rs `portable_cos_turns`, operation for operation).
+FF_DEVICE double rk_cos_turns(unsigned int v) {
+    const unsigned int quadrant = v >> 30;
+    const double r = (double)(v & 0x3FFFFFFFu) / 1073741824.0;
+    const bool swap = r > 0.5;
+    const double x = 1.57079632679489661923132169163975144 * (swap ? 1.0 - r : r);
+    const double y = -(x * x);
+    double ts = 1.0 / rk_factorial(19);
+    for (int k = 8; k >= 1; --k) ts = fma(ts, y, 1.0 / rk_factorial(2 * k + 1));
+    const double sn = fma(x * y, ts, x);
+    double tc = 1.0 / rk_factorial(18);
+    for (int k = 8; k >= 1; --k) tc = fma(tc, y, 1.0 / rk_factorial(2 * k));
+    const double cs = fma(y, tc, 1.0);
+    const double sin_phi = swap ? cs : sn, cos_phi = swap ? sn : cs;
+    switch (quadrant) {
+        case 0: return cos_phi;
+        case 1: return -sin_phi;
+        case 2: return -cos_phi;
+        default: return sin_phi;
+    }
+}
+
 FF_DEVICE float rk_probe(int kind, unsigned long long seed, unsigned long long n) {
     const unsigned long long h = rk_mix(rk_mix(n + 0x9E3779B97F4A7C15ull) ^ seed);
     if (kind == 0) return (h >> 63) == 0ull ? 1.0f : -1.0f;
     const double u1 = ((double)(h >> 32) + 0.5) / 4294967296.0;
-    const double u2 = (double)(h & 0xFFFFFFFFull) / 4294967296.0;
-    // 2π as Rust's 2.0 * PI (the product is exact).
-    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+    const double radius = sqrt(-2.0 * rk_ln(u1));
+    return (float)(radius * rk_cos_turns((unsigned int)(h & 0xFFFFFFFFull)));
 }
 
 // out (rows x cols) = the probes of row ids[r] (or r), counter id·cols + c.
@@ -232,6 +278,8 @@ FF_DEVICE void rk_gemm(int M, int N, int K, const LoadA& load_a, const LoadB& lo
 // ---------------------------------------------------------------------------------------------
 // The network and the tile layout (mirrored by `FieldLayout` in src/ops/rk45/cuda.rs).
 
+// The network. Its per-layer arrays are indexed by the layer loop variable, so they sit in the
+// (L1-cached) stack frame; they are read once per layer, never in the inner loops.
 struct RkNet {
     const float* w[4];
     const float* b[4];
@@ -253,11 +301,13 @@ FF_DEVICE int rk_stage_weights(RkNet& net, float* base) {
     int off = 0;
     for (int l = 0; l < net.nl; ++l) {
         const int nin = net.n[l], nout = net.n[l + 1], ld = rk_ld(nout);
+        const float* gw = net.w[l];
+        const float* gb = net.b[l];
         float* w = base + off;
-        for (int i = threadIdx.x; i < nin * nout; i += blockDim.x) w[(i / nout) * ld + i % nout] = net.w[l][i];
+        for (int i = threadIdx.x; i < nin * nout; i += blockDim.x) w[(i / nout) * ld + i % nout] = gw[i];
         off += rk_round4(nin * ld);
         float* b = base + off;
-        for (int i = threadIdx.x; i < nout; i += blockDim.x) b[i] = net.b[l][i];
+        for (int i = threadIdx.x; i < nout; i += blockDim.x) b[i] = gb[i];
         off += rk_round4(nout);
         net.w[l] = w;
         net.b[l] = b;
@@ -273,9 +323,9 @@ FF_DEVICE RkNet rk_net(const float* w0, const float* b0, const float* w1, const 
     net.w[0] = w0; net.w[1] = w1; net.w[2] = w2; net.w[3] = w3;
     net.b[0] = b0; net.b[1] = b1; net.b[2] = b2; net.b[3] = b3;
     net.n[0] = n0; net.n[1] = n1; net.n[2] = n2; net.n[3] = n3; net.n[4] = n4;
+    for (int l = 0; l < 4; ++l) net.ldw[l] = net.n[l + 1];
     net.nl = nl;
     net.act = act;
-    for (int l = 0; l < 4; ++l) net.ldw[l] = net.n[l + 1];
     return net;
 }
 
@@ -341,9 +391,9 @@ FF_DEVICE void rk_layer_forward(const RkNet& net, int l, const float* in, int ld
     const int ldw = net.ldw[l];
     rk_gemm(
         R * S, net.n[l + 1], net.n[l],
-        [&](int m, int k) { return in[m * ldi + k]; },
-        [&](int k, int n) { return w[k * ldw + n]; },
-        [&](int m, int n, float v) {
+        [=](int m, int k) { return in[m * ldi + k]; },
+        [=](int k, int n) { return w[k * ldw + n]; },
+        [=](int m, int n, float v) {
             if (m < R)
                 prim[m * ldo + n] = v + b[n];
             else
@@ -357,7 +407,7 @@ FF_DEVICE void rk_layer_forward(const RkNet& net, int l, const float* in, int ld
 // dsign·div to out_d[row·ldd + doff]. Layout (floats): [weights] X0 (R·S x ld(n0)), P, Q
 // (R·S x ld(max width) each).
 
-extern "C" __global__ void __launch_bounds__(RK_THREADS)
+extern "C" __global__ void __launch_bounds__(RK_THREADS, 2)
 rk45_field_f32(const float* __restrict__ w0, const float* __restrict__ b0, const float* __restrict__ w1,
                const float* __restrict__ b1, const float* __restrict__ w2, const float* __restrict__ b2,
                const float* __restrict__ w3, const float* __restrict__ b3, int n0, int n1, int n2, int n3, int n4,
@@ -486,7 +536,7 @@ FF_DEVICE RkHidden rk_hidden(float* base, const RkNet& net, int l, int R, int K)
 // D1 (R x ld), and with tangents A (R·K x ld), D2 (R x ld); F (R·S x ld(D)); G0, G1 (R·S x
 // ld(max width)); then 2R per-row values (−c·α, weight).
 
-extern "C" __global__ void __launch_bounds__(RK_THREADS)
+extern "C" __global__ void __launch_bounds__(RK_THREADS, 2)
 rk45_field_vjp_f32(const float* __restrict__ w0, const float* __restrict__ b0, const float* __restrict__ w1,
                    const float* __restrict__ b1, const float* __restrict__ w2, const float* __restrict__ b2,
                    const float* __restrict__ w3, const float* __restrict__ b3, int n0, int n1, int n2, int n3,
@@ -614,12 +664,12 @@ rk45_field_vjp_f32(const float* __restrict__ w0, const float* __restrict__ b0, c
                     nin, nout, RS,
                     // Rows of weight 0 (past the batch, or masked out) add exactly nothing,
                     // even when their values are not finite.
-                    [&](int m, int k) { return row_w[k % R] != 0.0f ? xin[k * ldin + m] : 0.0f; },
-                    [&](int k, int n) {
+                    [=](int m, int k) { return row_w[k % R] != 0.0f ? xin[k * ldin + m] : 0.0f; },
+                    [=](int k, int n) {
                         const float wr = row_w[k % R];
                         return wr != 0.0f ? g[k * ldg_s + n] * wr : 0.0f;
                     },
-                    [&](int m, int n, float v) { gw[(long long)m * nout + n] += (double)v; });
+                    [=](int m, int n, float v) { gw[(long long)m * nout + n] += (double)v; });
                 for (int n = threadIdx.x; n < nout; n += blockDim.x) {
                     float s = 0.0f;
                     for (int r = 0; r < R; ++r) {
@@ -650,9 +700,9 @@ rk45_field_vjp_f32(const float* __restrict__ w0, const float* __restrict__ b0, c
             float* p = g_next;
             rk_gemm(
                 RS, nin, nout,
-                [&](int m, int k) { return g[m * ldg_s + k]; },
-                [&](int k, int n) { return wl[n * ldw + k]; },
-                [&](int m, int n, float v) { p[m * ldg_s + n] = v; });
+                [=](int m, int k) { return g[m * ldg_s + k]; },
+                [=](int k, int n) { return wl[n * ldw + k]; },
+                [=](int m, int n, float v) { p[m * ldg_s + n] = v; });
             __syncthreads();
             const int ld = below.ld;
             const float* d1 = below.d1;

@@ -67,7 +67,12 @@ fn row_ids(rows: usize, seed: u64) -> Tensor {
 }
 
 fn assert_grads(what: &str, got: &Mlp<Tensor>, want: &Mlp<Tensor>, atol: f32, rtol: f32) {
-    for ((g, w), name) in got.tensors().iter().zip(want.tensors()).zip(want.tensor_names()) {
+    for ((g, w), name) in got
+        .tensors()
+        .iter()
+        .zip(want.tensors())
+        .zip(want.tensor_names())
+    {
         assert_close(&format!("{what} {name}"), g, w, atol, rtol);
     }
 }
@@ -95,8 +100,20 @@ fn check_field_div<B: Backend>(b: &B) {
         let (netd, zd, td) = (up_net(b, &net), up(b, &z), up(b, &t));
         let what = format!("{hidden:?} {act:?} D={dim} B={rows}");
         let compare = |label: &str, got: (B::Mat, B::Mat), want: (Tensor, Tensor)| {
-            assert_close(&format!("{label} f {what}"), &down(b, &got.0), &want.0, 1e-5, 1e-4);
-            assert_close(&format!("{label} div {what}"), &down(b, &got.1), &want.1, 1e-4, 1e-4);
+            assert_close(
+                &format!("{label} f {what}"),
+                &down(b, &got.0),
+                &want.0,
+                1e-5,
+                1e-4,
+            );
+            assert_close(
+                &format!("{label} div {what}"),
+                &down(b, &got.1),
+                &want.1,
+                1e-4,
+                1e-4,
+            );
         };
         compare(
             "exact",
@@ -109,7 +126,8 @@ fn check_field_div<B: Backend>(b: &B) {
                 &format!("uploaded {kind:?}x{m}"),
                 b.field_div(&netd, &zd, &td, TraceMode::Hutchinson(&up(b, &p)))
                     .unwrap(),
-                cpu.field_div(&net, &z, &t, TraceMode::Hutchinson(&p)).unwrap(),
+                cpu.field_div(&net, &z, &t, TraceMode::Hutchinson(&p))
+                    .unwrap(),
             );
             let ids = row_ids(rows, 5);
             for with_ids in [false, true] {
@@ -141,7 +159,10 @@ fn check_field_div<B: Backend>(b: &B) {
 fn check_generated_probes<B: Backend>(b: &B) {
     for (rows, dim, m) in [(1, 1, 1), (37, 2, 3), (300, 5, 2)] {
         for kind in [ProbeKind::Rademacher, ProbeKind::Gaussian] {
-            let got = down(b, &b.generate_probes(rows, dim, m, kind, 1234, None).unwrap());
+            let got = down(
+                b,
+                &b.generate_probes(rows, dim, m, kind, 1234, None).unwrap(),
+            );
             let want = probes(rows, dim, m, kind, 1234).unwrap();
             assert_eq!(
                 got.data().iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
@@ -243,7 +264,13 @@ fn check_field_vjp<B: Backend>(b: &B) {
         let want = cpu.field_vjp(&net, &z, &t, &a, div_h, pg_h).unwrap();
         let what = format!("vjp {hidden:?} {act:?} D={dim} B={rows} {div:?} params={params}");
         assert_close(&format!("{what} f"), &down(b, &got.f), &want.f, 1e-5, 1e-4);
-        assert_close(&format!("{what} g_z"), &down(b, &got.g_z), &want.g_z, 1e-4, 1e-3);
+        assert_close(
+            &format!("{what} g_z"),
+            &down(b, &got.g_z),
+            &want.g_z,
+            1e-4,
+            1e-3,
+        );
         match (&got.g_params, &want.g_params) {
             (Some(g), Some(wg)) => {
                 let g = g.try_map(|m| b.download(m)).unwrap();
@@ -264,7 +291,13 @@ fn check_rhs<B: Backend>(b: &B) {
     let ids = row_ids(rows, 82);
     let c = Tensor::randn(rows, 1, &mut rng);
     let p = probes(rows, dim, 2, ProbeKind::Rademacher, 4).unwrap();
-    let (netd, td, idsd, cd, pd) = (up_net(b, &net), up(b, &t), up(b, &ids), up(b, &c), up(b, &p));
+    let (netd, td, idsd, cd, pd) = (
+        up_net(b, &net),
+        up(b, &t),
+        up(b, &ids),
+        up(b, &c),
+        up(b, &p),
+    );
     fn generated<M>(ids: &M) -> TraceMode<'_, M> {
         TraceMode::Generated {
             m: 1,
@@ -294,7 +327,10 @@ fn check_rhs<B: Backend>(b: &B) {
                 OdeSystem::FieldDiv(TraceMode::Hutchinson(&pd)),
                 OdeSystem::FieldDiv(TraceMode::Hutchinson(&p)),
             ),
-            3 => (OdeSystem::FieldDiv(generated(&idsd)), OdeSystem::FieldDiv(generated(&ids))),
+            3 => (
+                OdeSystem::FieldDiv(generated(&idsd)),
+                OdeSystem::FieldDiv(generated(&ids)),
+            ),
             4 => (OdeSystem::Adjoint(None), OdeSystem::Adjoint(None)),
             _ => (
                 OdeSystem::Adjoint(Some(DivCotangent {
@@ -309,7 +345,13 @@ fn check_rhs<B: Backend>(b: &B) {
         };
         let got = b.ode_rhs(&netd, &yd, &td, sd).unwrap();
         let want = cpu.ode_rhs(&net, &y, &t, sh).unwrap();
-        assert_close(&format!("ode_rhs {what}"), &down(b, &got), &want, 1e-4, 1e-3);
+        assert_close(
+            &format!("ode_rhs {what}"),
+            &down(b, &got),
+            &want,
+            1e-4,
+            1e-3,
+        );
     }
 }
 
@@ -325,7 +367,11 @@ fn mixed_state(rows: usize, seed: u64) -> Tensor {
         let dir = if forward { 1.0 } else { -1.0 };
         let t = t0 + dir * rng.uniform_f32() * 0.9;
         let h = 10f32.powf(-3.0 + 2.5 * rng.uniform_f32());
-        let t_new = if r % 7 == 3 { t1 } else { t + dir * h.min((t1 - t).abs()) };
+        let t_new = if r % 7 == 3 {
+            t1
+        } else {
+            t + dir * h.min((t1 - t).abs())
+        };
         row[col::T] = t;
         row[col::T_END] = t1;
         row[col::DIR] = dir;
@@ -393,9 +439,7 @@ fn check_step_end<B: Backend>(b: &B) {
                 ks[3].set(17, width - 1, f32::NAN);
                 ks[6].set(19, 0, f32::INFINITY);
             }
-            let y_new = Tensor::from_fn(rows, width, |r, j| {
-                y.get(r, j) + 0.05 * ks[0].get(r, j)
-            });
+            let y_new = Tensor::from_fn(rows, width, |r, j| y.get(r, j) + 0.05 * ks[0].get(r, j));
             let t_eval = Tensor::from_vec(1, 4, vec![0.1, 0.45, 0.5, 1.0]).unwrap();
             let ids = row_ids(rows, 7);
             let total = 3 * rows + 5;
@@ -458,7 +502,10 @@ fn check_step_end<B: Backend>(b: &B) {
                 if rows > 20 {
                     // The reference itself went through every outcome.
                     for code in [0.0, 1.0, 2.0, 3.0] {
-                        assert!(statuses.contains(&code), "{what}: no row with status {code}");
+                        assert!(
+                            statuses.contains(&code),
+                            "{what}: no row with status {code}"
+                        );
                     }
                 }
             }
@@ -482,8 +529,20 @@ fn check_stages<B: Backend>(b: &B) {
             let kd: Vec<&B::Mat> = ksd[..s].iter().collect();
             let (ys, ts) = cpu.ode_stage(&y, &kh, &state, s).unwrap();
             let (ysd, tsd) = b.ode_stage(&yd, &kd, &sd, s).unwrap();
-            assert_close(&format!("stage {s} y {rows}x{width}"), &down(b, &ysd), &ys, 0.0, 0.0);
-            assert_close(&format!("stage {s} t {rows}x{width}"), &down(b, &tsd), &ts, 0.0, 0.0);
+            assert_close(
+                &format!("stage {s} y {rows}x{width}"),
+                &down(b, &ysd),
+                &ys,
+                0.0,
+                0.0,
+            );
+            assert_close(
+                &format!("stage {s} t {rows}x{width}"),
+                &down(b, &tsd),
+                &ts,
+                0.0,
+                0.0,
+            );
         }
         assert!(matches!(
             b.ode_stage(&yd, &[&ksd[0]], &sd, 3),
@@ -522,7 +581,8 @@ fn check_start_ops<B: Backend>(b: &B) {
             assert_close("initial_probe y", &down(b, &ypd), &yp, 1e-6, 1e-6);
             assert_close("initial_probe t", &down(b, &tpd), &tp, 1e-7, 1e-6);
             cpu.ode_initial_refine(&y, &f0, &f1, &mut sh, &ctl).unwrap();
-            b.ode_initial_refine(&yd, &f0d, &f1d, &mut sd, &ctl).unwrap();
+            b.ode_initial_refine(&yd, &f0d, &f1d, &mut sd, &ctl)
+                .unwrap();
             assert_state("initial_refine state", &down(b, &sd), &sh);
             for mode in [ShareMode::Min, ShareMode::Max] {
                 let (mut a, mut ad) = (sh.clone(), up(b, &sh));
@@ -696,14 +756,39 @@ fn check_non_finite_inputs<B: Backend>(b: &B) {
     let err = b
         .field_div(&netd, &up(b, &z), &up(b, &t), TraceMode::Exact)
         .unwrap_err();
-    assert!(matches!(&err, Error::NonFinite { row: 65, col: 0, .. }), "{err}");
+    assert!(
+        matches!(
+            &err,
+            Error::NonFinite {
+                row: 65,
+                col: 0,
+                ..
+            }
+        ),
+        "{err}"
+    );
     let t = Tensor::zeros(70, 1);
     let mut p = probes(70, 2, 2, ProbeKind::Gaussian, 1).unwrap();
     p.set(30, 3, f32::NAN);
     let err = b
-        .field_div(&netd, &up(b, &z), &up(b, &t), TraceMode::Hutchinson(&up(b, &p)))
+        .field_div(
+            &netd,
+            &up(b, &z),
+            &up(b, &t),
+            TraceMode::Hutchinson(&up(b, &p)),
+        )
         .unwrap_err();
-    assert!(matches!(&err, Error::NonFinite { row: 30, col: 3, .. }), "{err}");
+    assert!(
+        matches!(
+            &err,
+            Error::NonFinite {
+                row: 30,
+                col: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
     let mut a = Tensor::zeros(70, 2);
     a.set(5, 0, f32::NAN);
     let err = b
@@ -716,7 +801,10 @@ fn check_non_finite_inputs<B: Backend>(b: &B) {
             ParamGrads::Sum,
         )
         .unwrap_err();
-    assert!(matches!(&err, Error::NonFinite { row: 5, col: 0, .. }), "{err}");
+    assert!(
+        matches!(&err, Error::NonFinite { row: 5, col: 0, .. }),
+        "{err}"
+    );
 }
 
 on_grid_backends!(field_op, super::check_field);

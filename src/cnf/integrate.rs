@@ -17,8 +17,8 @@ use std::ops::Range;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::nn::mlp::Mlp;
-use crate::ode::tableau::{A, B5, C, STAGES};
 use crate::ode::device::{DeviceOptions, DeviceSolution, DeviceSystem, DeviceTrace, solve_device};
+use crate::ode::tableau::{A, B5, C, STAGES};
 use crate::ode::{
     AcceptedSteps, BatchSolution, OdeOptions, SolveStats, StepObserver, solve_batch_rows,
     solve_batch_rows_observed,
@@ -137,7 +137,11 @@ pub fn solve_field_div<B: Backend>(
     let width = dim + 1;
     if b.device_resident_ode() {
         check_initial_state(x)?;
-        let y0 = Tensor::from_fn(x.rows(), width, |r, c| if c < dim { x.get(r, c) } else { 0.0 });
+        let y0 = Tensor::from_fn(
+            x.rows(),
+            width,
+            |r, c| if c < dim { x.get(r, c) } else { 0.0 },
+        );
         let probes = probes.map(|p| b.upload(p)).transpose()?;
         let trace = match &probes {
             Some(p) => DeviceTrace::Probes(p),
@@ -466,9 +470,8 @@ fn solve_adjoint_on_device<B: Backend>(
         &DeviceOptions::from(opts.clone()),
     )?;
     let y = b.download(&sol.y)?;
-    let pick = |cols: Range<usize>| {
-        Tensor::from_fn(rows, cols.len(), |r, j| y.get(r, cols.start + j))
-    };
+    let pick =
+        |cols: Range<usize>| Tensor::from_fn(rows, cols.len(), |r, j| y.get(r, cols.start + j));
     let grads = sol
         .params
         .as_ref()

@@ -27,11 +27,11 @@ use crate::nn::mlp::Mlp;
 use crate::ode::solution::SolveStats;
 use crate::ode::tableau::{B5, STAGES};
 use crate::ode::{OdeOptions, Span, Stepping};
+use crate::ops::rk45::Dense;
 use crate::ops::rk45::{
     DivCotangent, MAX_PROBE_ROW, OdeSystem, Phase, ProbeKind, RowStatus, STATE_COLS, ShareMode,
     StepControl, TraceMode, col, needs_second_derivative,
 };
-use crate::ops::rk45::Dense;
 use crate::tensor::{Shaped, Tensor};
 
 /// The trace estimator of a device solve.
@@ -42,7 +42,11 @@ pub enum DeviceTrace<'a, M> {
     Probes(&'a M),
     /// Hutchinson probes generated on the device from (seed, original row): the same values as
     /// `ops::rk45::probes(B, D, m, kind, seed)` without storing them.
-    Generated { m: usize, kind: ProbeKind, seed: u64 },
+    Generated {
+        m: usize,
+        kind: ProbeKind,
+        seed: u64,
+    },
 }
 
 impl<M> Clone for DeviceTrace<'_, M> {
@@ -266,12 +270,12 @@ impl<'a, B: Backend> Run<'a, B> {
             ),
         };
         let (t0, t1) = match span {
-            Span::Uniform { t0, t1 } => (
-                b.fill(rows, 1, *t0 as f32)?,
-                b.fill(rows, 1, *t1 as f32)?,
-            ),
+            Span::Uniform { t0, t1 } => {
+                (b.fill(rows, 1, *t0 as f32)?, b.fill(rows, 1, *t1 as f32)?)
+            }
             Span::PerRow { t0, t1 } => {
-                let col = |v: &[f64]| Tensor::from_vec(rows, 1, v.iter().map(|&x| x as f32).collect());
+                let col =
+                    |v: &[f64]| Tensor::from_vec(rows, 1, v.iter().map(|&x| x as f32).collect());
                 (b.upload(&col(t0)?)?, b.upload(&col(t1)?)?)
             }
         };
@@ -529,7 +533,10 @@ impl<'a, B: Backend> Run<'a, B> {
 
     /// The stages with a 5th-order weight, each weighted by h·B5[s]·scale on accepted rows.
     fn add_quadrature(&mut self, stages: &[(B::Mat, B::Mat)], scale: f64) -> Result<()> {
-        let mut acc = self.acc.take().expect("a quadrature solve has an accumulator");
+        let mut acc = self
+            .acc
+            .take()
+            .expect("a quadrature solve has an accumulator");
         for (s, (ys, ts)) in stages.iter().enumerate() {
             if B5[s] == 0.0 {
                 continue;

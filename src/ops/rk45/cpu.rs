@@ -2,8 +2,8 @@
 //! parameter gradients summed across chunks in f64 in row order (deterministic).
 
 use super::fastact::Derivs;
-use super::step_cpu::materialise;
 use super::pass::{self, Directions, DivBar};
+use super::step_cpu::materialise;
 use super::{
     DivCotangent, FieldVjp, ParamGrads, Rk45Ops, TraceMode, check_field, check_trace, check_vjp,
 };

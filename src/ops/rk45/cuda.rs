@@ -279,14 +279,9 @@ impl BadInput {
 fn control_args<'a, B>(ctl: &StepControl) -> Vec<KArg<'a, B>> {
     let (pi, safety, min_f, max_f, alpha, beta) = match ctl.controller {
         Controller::Integral(c) => (0, c.safety, c.min_factor, c.max_factor, 0.2, 0.0),
-        Controller::ProportionalIntegral(c) => (
-            1,
-            c.safety,
-            c.min_factor,
-            c.max_factor,
-            c.alpha,
-            c.beta,
-        ),
+        Controller::ProportionalIntegral(c) => {
+            (1, c.safety, c.min_factor, c.max_factor, c.alpha, c.beta)
+        }
     };
     vec![
         f64_arg(ctl.rtol),
@@ -422,7 +417,12 @@ impl<G: GridDevice> Grid<G> {
     }
 
     /// The tile plan and grid of a VJP launch over `rows` rows with `k` tangents.
-    fn vjp_grid(op: &'static str, net: &Mlp<GridMat<G>>, rows: usize, k: usize) -> Result<(Plan, usize)> {
+    fn vjp_grid(
+        op: &'static str,
+        net: &Mlp<GridMat<G>>,
+        rows: usize,
+        k: usize,
+    ) -> Result<(Plan, usize)> {
         let p = plan(op, &net.widths(), k, Kernel::Vjp)?;
         Ok((p, rows.div_ceil(p.rows).clamp(1, MAX_BLOCKS)))
     }
@@ -994,7 +994,13 @@ impl<G: GridDevice> OdeStepOps for Grid<G> {
                 self.launch("rk45_step_end_f32", rows_cfg(rows, lanes), &args)
             }
             None => {
-                args.extend([KArg::Null, KArg::I32(0), KArg::Null, KArg::Null, KArg::I32(0)]);
+                args.extend([
+                    KArg::Null,
+                    KArg::I32(0),
+                    KArg::Null,
+                    KArg::Null,
+                    KArg::I32(0),
+                ]);
                 args.extend(control_args(ctl));
                 self.launch("rk45_step_end_f32", rows_cfg(rows, lanes), &args)
             }

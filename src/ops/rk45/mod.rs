@@ -94,7 +94,9 @@ impl<M: Shaped> TraceMode<'_, M> {
             TraceMode::Generated { m: 0, .. } => Err(Error::invalid(format!(
                 "{op}: Hutchinson's estimator needs at least one probe"
             ))),
-            TraceMode::Generated { rows: Some(ids), .. } => ids.expect_shape(op, rows, 1),
+            TraceMode::Generated {
+                rows: Some(ids), ..
+            } => ids.expect_shape(op, rows, 1),
             _ => Ok(()),
         }
     }

@@ -253,8 +253,7 @@ pub trait OdeStepOps: Device {
     /// A fresh state from each row's span t0 → t1 (B×1 each): t = t0, direction, status Done
     /// for an empty span, the controller memory reset, and H_ABS = `h0` when given (else 0,
     /// to be set by the starting-step ops).
-    fn ode_init_state(&self, t0: &Self::Mat, t1: &Self::Mat, h0: Option<f64>)
-    -> Result<Self::Mat>;
+    fn ode_init_state(&self, t0: &Self::Mat, t1: &Self::Mat, h0: Option<f64>) -> Result<Self::Mat>;
 
     /// The first half of Hairer's starting step (`initial_step::first_guess`) per active row:
     /// H_ABS = h0, and the probe point (y0 + h0·dir·f0, t + h0·dir) returned as (y, t). A

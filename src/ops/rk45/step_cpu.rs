@@ -5,8 +5,8 @@
 //! no library function (pow, sqrt of a different sum) intervenes.
 
 use super::step::{
-    Dense, OdeStepOps, OdeSummary, OdeSystem, Phase, RowStatus, STATE_COLS, ShareMode,
-    StepControl, col,
+    Dense, OdeStepOps, OdeSummary, OdeSystem, Phase, RowStatus, STATE_COLS, ShareMode, StepControl,
+    col,
 };
 use super::{DivCotangent, ParamGrads, ProbeKind, Rk45Ops, TraceMode, generated_probes};
 use crate::backend::Cpu;
@@ -354,7 +354,8 @@ impl OdeStepOps for Cpu {
         f0.expect_shape("ode_initial_refine", rows, width)?;
         f1.expect_shape("ode_initial_refine", rows, width)?;
         check_state("ode_initial_refine", state, rows)?;
-        let f64s = |m: &Tensor, r: usize| -> Vec<f64> { m.row(r).iter().map(|&v| v as f64).collect() };
+        let f64s =
+            |m: &Tensor, r: usize| -> Vec<f64> { m.row(r).iter().map(|&v| v as f64).collect() };
         for r in 0..rows {
             let s = state.row_mut(r);
             if !active(s) {
@@ -498,9 +499,8 @@ impl OdeStepOps for Cpu {
         }
         for r in 0..rows {
             let k0r = k0.row(r).to_vec();
-            let kr: [&[f32]; STAGES] = std::array::from_fn(|s| {
-                if s == 0 { &k0r[..] } else { ks[s - 1].row(r) }
-            });
+            let kr: [&[f32]; STAGES] =
+                std::array::from_fn(|s| if s == 0 { &k0r[..] } else { ks[s - 1].row(r) });
             let s = state.row_mut(r);
             if phase.has(Phase::ERROR) {
                 s[col::VERDICT] = 0.0;
@@ -665,7 +665,9 @@ impl OdeStepOps for Cpu {
         t_s.expect_shape(op, rows, 1)?;
         check_state(op, state, rows)?;
         if acc.len() != net.tensors().len() {
-            return Err(Error::invalid("quad_add: an accumulator of another network"));
+            return Err(Error::invalid(
+                "quad_add: an accumulator of another network",
+            ));
         }
         let w: Vec<f32> = (0..rows)
             .map(|r| {
@@ -686,15 +688,15 @@ impl OdeStepOps for Cpu {
         let a_div_store = div.map(|d| zero_rows(d.a_div, &skip));
         let div = match div {
             None => None,
-            Some(d) => {
-                Some(DivCotangent {
-                    a_div: a_div_store.as_ref().expect("stored with the cotangent"),
-                    trace: materialise(d.trace, rows, dim, &mut store)?,
-                })
-            }
+            Some(d) => Some(DivCotangent {
+                a_div: a_div_store.as_ref().expect("stored with the cotangent"),
+                trace: materialise(d.trace, rows, dim, &mut store)?,
+            }),
         };
         let out = self.field_vjp(net, &z, &t, &a, div, ParamGrads::Weighted(&wm))?;
-        let g = out.g_params.expect("weighted parameter gradients were asked for");
+        let g = out
+            .g_params
+            .expect("weighted parameter gradients were asked for");
         for (sum, m) in acc.iter_mut().zip(g.tensors()) {
             for (s, &v) in sum.iter_mut().zip(m.data()) {
                 *s += v as f64;
@@ -709,7 +711,11 @@ impl OdeStepOps for Cpu {
             .iter()
             .zip(acc)
             .map(|(t, s)| {
-                Tensor::from_vec(t.rows(), t.cols(), s.into_iter().map(|v| v as f32).collect())
+                Tensor::from_vec(
+                    t.rows(),
+                    t.cols(),
+                    s.into_iter().map(|v| v as f32).collect(),
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         Mlp::from_tensors(net.act, tensors)
