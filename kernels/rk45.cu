@@ -33,9 +33,13 @@
 // strides, so that the transposed reads of the reverse pass (W_lᵀ: lanes walk a column of W)
 // hit 32 different banks; activations use odd strides too. The launch code picks R (at most
 // 64 rows, R·S <= 128 stacked rows, so that a 64-wide layer has >= 256 micro-tiles for the 256
-// threads) as large as fits in ~113 KiB of shared memory: two blocks (16 warps) per SM. The
-// field alone at R = 64 needs ~53 KiB, the VJP with two tangents at R = 32 ~105 KiB. No speed
-// has been measured on hardware here: benches/gpu_rk45.rs does that.
+// threads) as large as fits in ~113 KiB of shared memory, and __launch_bounds__(256, 2) keeps
+// registers at <= 128 so that two blocks (16 warps) are resident per SM. For 3->64->64->2: the
+// field alone at R = 64 takes 51 KiB, with the exact trace (2 tangents) R = 32 and 68 KiB, the
+// VJP with 2 tangents R = 16 and 100 KiB (48 stacked rows: 192 micro-tiles for 256 threads, the
+// price of keeping every layer for the reverse pass on chip). Wider fields stream the weights
+// from L2 instead of staging them. No speed has been measured on hardware here:
+// benches/gpu_rk45.rs does that.
 //
 // ---------------------------------------------------------------------------------------------
 // The step kernels

@@ -1,9 +1,10 @@
 //! The vector-field ops of continuous flows (eq. 18.22): the field f(z, t) of an MLP, the field
 //! together with its divergence Tr(∂f/∂z) (eq. 18.28, exact or by Hutchinson's estimator,
 //! eq. 18.29–18.30), and the vector–Jacobian product of the augmented dynamics that the adjoint
-//! method integrates (eq. 18.25–18.26). kernels/rk45.cu will hold the same ops ("the field MLP
-//! evaluated together with its JVP on the probes, in the same pass") next to the stage and
-//! step-control kernels of the device-resident solver.
+//! method integrates (eq. 18.25–18.26). kernels/rk45.cu holds the same ops (the field MLP
+//! evaluated together with its JVPs on the directions, in the same pass; `cuda.rs` launches
+//! them) next to the stage and step-control kernels of the device-resident solver
+//! ([`step`], driven by `ode::device`).
 //!
 //! Conventions shared by every op:
 //! - the field is an `Mlp` taking [z, t] (D + 1 inputs, time last) to D outputs;
@@ -42,10 +43,10 @@ pub use step::{
 /// How the divergence Tr(∂f/∂z) is computed.
 #[derive(Debug)]
 pub enum TraceMode<'a, M> {
-    /// Exactly. For a field with at most two hidden layers `field_div` evaluates the trace
-    /// as a bilinear form in the activation slopes (one H1×H2 product per row, whatever D is);
-    /// deeper fields, and the gradient in `field_vjp`, use D forward-mode JVPs along the unit
-    /// vectors, fused in one pass.
+    /// Exactly. On the CPU, for a field with at most two hidden layers `field_div` evaluates
+    /// the trace as a bilinear form in the activation slopes (one H1×H2 product per row,
+    /// whatever D is); deeper fields, the gradient in `field_vjp`, and every field on a grid
+    /// device use D forward-mode JVPs along the unit vectors, fused in one pass.
     Exact,
     /// Hutchinson's estimator (1/M)·Σ_m ε_mᵀ (∂f/∂z) ε_m with the probes of each row: a B×(M·D)
     /// matrix whose row r holds ε_0, …, ε_{M−1} of row r one after the other (see [`probes`]).
