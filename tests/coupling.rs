@@ -4,6 +4,8 @@
 //! Every check is generic over the backend and called with `Cpu` here, so that the same bodies
 //! can run on the CUDA and emulated backends.
 
+mod common;
+
 use flowfuse::backend::{Backend, Cpu};
 use flowfuse::flows::coupling::CouplingLayer;
 use flowfuse::flows::{FlowLayer, LayerConfig, LayerState};
@@ -868,3 +870,17 @@ fn check_from_state_errors<B: Backend>(b: &B) {
 fn from_state_errors_cpu() {
     check_from_state_errors(&Cpu);
 }
+
+// The same bodies on the emulated grid (three thread orders) and on CUDA when present. The
+// finite-difference backward check stays on the CPU (thousands of launches on the emulator);
+// tests/parity_coupling.rs compares every kernel gradient with the CPU reference instead.
+on_grid_backends!(grid_roundtrip, super::check_roundtrip);
+on_grid_backends!(
+    grid_logdet_matches_jacobian,
+    super::check_logdet_matches_jacobian
+);
+on_grid_backends!(
+    grid_new_layer_is_identity,
+    super::check_new_layer_is_identity
+);
+on_grid_backends!(grid_state_roundtrip, super::check_state_roundtrip);

@@ -282,18 +282,42 @@ fn check_training_matches_cpu<B: Backend>(b: &B) {
         let mut on_cpu = cpu_flow(31);
         let mut on_b = {
             let host = random_flow(&Cpu, family, 2, 31);
-            let layers = host.states(&Cpu).unwrap().iter().map(|s| flowfuse::flows::layer_from_state(b, s).unwrap()).collect();
+            let layers = host
+                .states(&Cpu)
+                .unwrap()
+                .iter()
+                .map(|s| flowfuse::flows::layer_from_state(b, s).unwrap())
+                .collect();
             Flow::new(2, layers).unwrap()
         };
         let mut rng = Rng::new(5);
         let data = moons(600, &mut rng);
         let (tr, te) = train_test_split(&data, 0.25, &mut rng).unwrap();
-        let cfg = TrainConfig { steps: 15, batch: 96, eval_every: 15, progress: false, ..TrainConfig::default() };
+        let cfg = TrainConfig {
+            steps: 15,
+            batch: 96,
+            eval_every: 15,
+            progress: false,
+            ..TrainConfig::default()
+        };
         let r_cpu = train(&mut on_cpu, &Cpu, &tr, &te, &cfg, None).unwrap();
         let r_b = train(&mut on_b, b, &tr, &te, &cfg, None).unwrap();
-        assert!((r_cpu.test_nll - r_b.test_nll).abs() < 1e-3, "{}: test NLL {} on the CPU, {} on {}", family.name(), r_cpu.test_nll, r_b.test_nll, b.name());
+        assert!(
+            (r_cpu.test_nll - r_b.test_nll).abs() < 1e-3,
+            "{}: test NLL {} on the CPU, {} on {}",
+            family.name(),
+            r_cpu.test_nll,
+            r_b.test_nll,
+            b.name()
+        );
         for (k, (p, q)) in on_cpu.params().iter().zip(on_b.params()).enumerate() {
-            assert_close(&format!("{} parameter {k} after training", family.name()), &b.download(q).unwrap(), p, 1e-3, 1e-3);
+            assert_close(
+                &format!("{} parameter {k} after training", family.name()),
+                &b.download(q).unwrap(),
+                p,
+                1e-3,
+                1e-3,
+            );
         }
     }
 }

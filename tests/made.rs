@@ -2,6 +2,8 @@
 //! backward against finite differences, and the typed errors. Test bodies are generic over
 //! the backend and called with `Cpu` here.
 
+mod common;
+
 use flowfuse::backend::{Backend, Cpu};
 use flowfuse::flows::autoregressive::AutoregressiveLayer;
 use flowfuse::flows::{ArKind, FlowLayer, LayerConfig};
@@ -893,3 +895,30 @@ fn check_errors<B: Backend>(b: &B) {
 fn bad_inputs_give_typed_errors() {
     check_errors(&Cpu);
 }
+
+// The same bodies on the emulated grid (three thread orders) and on CUDA when present.
+on_grid_backends!(
+    grid_made_outputs_are_autoregressive,
+    super::check_made_outputs_are_autoregressive
+);
+on_grid_backends!(
+    grid_transform_jacobians_are_triangular,
+    super::check_transform_jacobians_are_triangular
+);
+on_grid_backends!(
+    grid_sequential_inverts_parallel,
+    super::check_sequential_inverts_parallel
+);
+on_grid_backends!(
+    grid_logdet_matches_jacobian,
+    super::check_logdet_matches_jacobian
+);
+on_grid_backends!(
+    grid_backward_matches_finite_differences,
+    super::check_backward_matches_finite_differences
+);
+on_grid_backends!(grid_narrow_hidden_layers, super::check_narrow_hidden_layers);
+on_grid_backends!(
+    grid_new_layer_is_identity,
+    super::check_new_layer_is_identity
+);

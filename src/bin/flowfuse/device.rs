@@ -33,7 +33,9 @@ pub fn resolve(choice: &str) -> Result<Resolved> {
                 }
             }
         }
-        other => Err(Error::invalid(format!("unknown device '{other}' (cpu, cuda, auto)"))),
+        other => Err(Error::invalid(format!(
+            "unknown device '{other}' (cpu, cuda, auto)"
+        ))),
     }
 }
 
