@@ -45,6 +45,7 @@ pub fn build() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     println!("cargo:rerun-if-changed=kernels");
     for var in [
+        "FLOWFUSE_EMBED_PTX",
         "FLOWFUSE_NVCC",
         "FLOWFUSE_NVRTC",
         "FLOWFUSE_PTXAS",
@@ -396,7 +397,10 @@ fn write_images_rs(out: &Path, mode: &str, families: &[Family], images: &[(Strin
                 None => "None".into(),
             }
         };
-        let ptx = match &img.ptx_compute80 {
+        // FLOWFUSE_EMBED_PTX=0 leaves the compute_80 PTX out of the binary (it is still compiled
+        // and checked): the GPU bundle only needs the sm_90 cubin and the source.
+        let embed_ptx = std::env::var("FLOWFUSE_EMBED_PTX").map_or(true, |v| v != "0");
+        let ptx = match img.ptx_compute80.as_ref().filter(|_| embed_ptx) {
             Some(p) => {
                 let path = out.join(format!("{}.compute_80.ptx", fam.name));
                 std::fs::write(&path, p).expect("write ptx");

@@ -14,6 +14,9 @@ if [ ! -e .nvidia/nvidia/cuda_nvrtc/lib/libnvrtc.so.12 ]; then
         nvidia-cuda-nvrtc-cu12==12.9.86 nvidia-cuda-nvcc-cu12==12.9.86 nvidia-cuda-runtime-cu12==12.9.79
 fi
 export FLOWFUSE_DENY_SPILLS=1
+# The H200 loads the sm_90 cubins (or compiles the embedded source): the compute_80 PTX, the
+# largest image, stays out of these binaries so that the bundle fits in its size limit.
+export FLOWFUSE_EMBED_PTX=0
 
 rm -rf "$bundle"
 mkdir -p "$bundle/bin" "$bundle/tests" "$bundle/benches"
@@ -34,18 +37,24 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])
 '
 }
-gpu_tests=$(ls tests/parity_*.rs | xargs -n1 basename | sed 's/\.rs$//')
+# Every suite with CUDA instances: the parity tests and the layer/flow suites whose bodies also
+# run on the grid backends (on_grid_backends!).
+gpu_tests=$(grep -l "on_grid_backends!(" tests/*.rs | xargs -n1 basename | sed 's/\.rs$//' | tr '\n' ' ')
 test_args=()
 for t in $gpu_tests; do test_args+=(--test "$t"); done
 cargo test --release --no-run --message-format=json "${test_args[@]}" | list_executables |
-    while read -r name exe; do cp "$exe" "$bundle/tests/$name"; done
+    while read -r name exe; do
+        case " $gpu_tests " in *" $name "*) cp "$exe" "$bundle/tests/$name" ;; esac
+    done
 
-gpu_benches=$(ls benches/gpu_*.rs 2>/dev/null | xargs -r -n1 basename | sed 's/\.rs$//')
+gpu_benches=$(ls benches/gpu_*.rs 2>/dev/null | xargs -r -n1 basename | sed 's/\.rs$//' | tr '\n' ' ')
 if [ -n "$gpu_benches" ]; then
     bench_args=()
     for b in $gpu_benches; do bench_args+=(--bench "$b"); done
     cargo bench --no-run --message-format=json "${bench_args[@]}" | list_executables |
-        while read -r name exe; do cp "$exe" "$bundle/benches/$name"; done
+        while read -r name exe; do
+            case " $gpu_benches " in *" $name "*) cp "$exe" "$bundle/benches/$name" ;; esac
+        done
 fi
 
 strip "$bundle"/bin/* "$bundle"/tests/* "$bundle"/benches/* 2>/dev/null || true

@@ -6,6 +6,7 @@
 //! Test bodies are generic over the backend and run here on `Cpu`.
 
 mod cnf_support;
+mod common;
 
 use cnf_support::{Net64, assert_all_close, rows64};
 use flowfuse::Error;
@@ -907,3 +908,19 @@ fn check_model_errors<B: Backend>(b: &B) {
 fn model_errors_are_typed() {
     check_model_errors(&Cpu);
 }
+
+// The same bodies on the emulated grid (three thread orders) and on CUDA when present: the
+// kernels of kernels/rk45.cu, and the device-resident solver for the flow.
+on_grid_backends!(grid_field_matches_f64, super::check_field_matches_f64);
+on_grid_backends!(grid_exact_divergence, super::check_exact_divergence);
+on_grid_backends!(
+    grid_hutchinson_matches_quadratic_form,
+    super::check_hutchinson_matches_quadratic_form
+);
+on_grid_backends!(grid_linear_field, super::check_linear_field);
+on_grid_backends!(grid_op_errors, super::check_op_errors);
+on_grid_backends!(grid_roundtrip, super::check_roundtrip);
+on_grid_backends!(grid_log_prob, super::check_log_prob);
+on_grid_backends!(grid_shared_steps_agree, super::check_shared_steps_agree);
+on_grid_backends!(grid_state_roundtrip, super::check_state_roundtrip);
+on_grid_backends!(grid_trajectories, super::check_trajectories);

@@ -4,18 +4,20 @@
 //! - the field with its divergence, d(z, L)/dt = (f, −div) with L = 0 at the start (density);
 //! - the adjoint system of either, with a quadrature of the parameter gradient (training);
 //!
-//! each as one function of host tensors in and out. Today they drive the host f64 solver
-//! (`ode::solve_batch_rows`): every call of its closure gathers the active rows (f64 → f32),
-//! uploads them, runs one backend op and downloads the result (free on the CPU backend). A
-//! device-resident RK45 driver (stages, error norms and per-row step control in kernels) will
-//! implement the same three functions without the round trips.
+//! each as one function of host tensors in and out. Backends that keep data on a device (the
+//! grid backends: `device_resident_ode()`) solve with the device-resident driver
+//! (`ode::device`): the state is uploaded once, stages, error norms and per-row step control run
+//! in kernels, and only a small summary comes back per step. The CPU backend drives the host
+//! f64 solver (`ode::solve_batch_rows`), the accuracy reference: every call of its closure
+//! gathers the active rows (f64 → f32), runs one backend op and writes the result back.
 
 use std::borrow::Cow;
 use std::ops::Range;
 
 use crate::backend::Backend;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::nn::mlp::Mlp;
+use crate::ode::device::{DeviceOptions, DeviceSolution, DeviceSystem, DeviceTrace, solve_device};
 use crate::ode::tableau::{A, B5, C, STAGES};
 use crate::ode::{
     AcceptedSteps, BatchSolution, OdeOptions, SolveStats, StepObserver, solve_batch_rows,
@@ -94,6 +96,18 @@ pub fn solve_field<B: Backend>(
     span: (f64, f64),
     opts: &OdeOptions,
 ) -> Result<BatchSolution> {
+    if b.device_resident_ode() {
+        check_initial_state(z0)?;
+        let sol = solve_device(
+            b,
+            net,
+            &b.upload(z0)?,
+            span,
+            DeviceSystem::Field,
+            &DeviceOptions::from(opts.clone()),
+        )?;
+        return batch_solution(b, sol, opts);
+    }
     let dim = z0.cols();
     solve_batch_rows(
         |_rows, t, y, dy| {
@@ -121,6 +135,28 @@ pub fn solve_field_div<B: Backend>(
 ) -> Result<BatchSolution> {
     let dim = x.cols();
     let width = dim + 1;
+    if b.device_resident_ode() {
+        check_initial_state(x)?;
+        let y0 = Tensor::from_fn(
+            x.rows(),
+            width,
+            |r, c| if c < dim { x.get(r, c) } else { 0.0 },
+        );
+        let probes = probes.map(|p| b.upload(p)).transpose()?;
+        let trace = match &probes {
+            Some(p) => DeviceTrace::Probes(p),
+            None => DeviceTrace::Exact,
+        };
+        let sol = solve_device(
+            b,
+            net,
+            &b.upload(&y0)?,
+            span,
+            DeviceSystem::FieldDiv(trace),
+            &DeviceOptions::from(opts.clone()),
+        )?;
+        return batch_solution(b, sol, opts);
+    }
     let probes = probes.map(|p| RowData::new(b, p)).transpose()?;
     let mut y0 = Vec::with_capacity(x.rows() * width);
     for r in 0..x.rows() {
@@ -269,6 +305,19 @@ pub fn solve_adjoint<B: Backend>(
     let (t_start, t_end) = span;
     let dim = z_end.cols();
     let width = 2 * dim;
+    if b.device_resident_ode() {
+        return solve_adjoint_on_device(
+            b,
+            net,
+            z_end,
+            a_end,
+            a_div,
+            span,
+            opts,
+            probes,
+            param_scale,
+        );
+    }
     let c = a_div.map(|c| RowData::new(b, c)).transpose()?;
     let p = match a_div {
         Some(_) => probes.map(|p| RowData::new(b, p)).transpose()?,
@@ -340,5 +389,99 @@ pub fn solve_adjoint<B: Backend>(
         grads,
         stats: sol.stats,
         quadrature_rows: quad.rows_evaluated,
+    })
+}
+
+/// The host solver's check of an initial state, for the device path (which cannot search the
+/// device copy cheaply).
+fn check_initial_state(y0: &Tensor) -> Result<()> {
+    if y0.rows() == 0 {
+        return Err(Error::Empty("ode initial state has no rows".into()));
+    }
+    y0.check_finite("ode initial state")
+}
+
+/// A device solve's results on the host, as the host solver returns them.
+fn batch_solution<B: Backend>(
+    b: &B,
+    sol: DeviceSolution<B::Mat>,
+    opts: &OdeOptions,
+) -> Result<BatchSolution> {
+    let y = b.download(&sol.y)?;
+    let y_eval = match &sol.y_eval {
+        Some(m) => to_f64(&b.download(m)?),
+        None => Vec::new(),
+    };
+    Ok(BatchSolution {
+        rows: y.rows(),
+        dim: y.cols(),
+        y: to_f64(&y),
+        t_eval: opts.t_eval.clone(),
+        y_eval,
+        stats: sol.stats,
+    })
+}
+
+/// [`solve_adjoint`] by the device-resident driver: the state [z, a] and the per-row data
+/// (a_div, probes) uploaded once, the parameter quadrature accumulated on the device.
+#[allow(clippy::too_many_arguments)]
+fn solve_adjoint_on_device<B: Backend>(
+    b: &B,
+    net: &Mlp<B::Mat>,
+    z_end: &Tensor,
+    a_end: &Tensor,
+    a_div: Option<&Tensor>,
+    span: (f64, f64),
+    opts: &OdeOptions,
+    probes: Option<&Tensor>,
+    param_scale: f64,
+) -> Result<AdjointSolve> {
+    let (t_start, t_end) = span;
+    let dim = z_end.cols();
+    let rows = z_end.rows();
+    a_end.expect_shape("solve_adjoint: a_end", rows, dim)?;
+    let y0 = Tensor::from_fn(rows, 2 * dim, |r, c| {
+        if c < dim {
+            z_end.get(r, c)
+        } else {
+            a_end.get(r, c - dim)
+        }
+    });
+    check_initial_state(&y0)?;
+    let c = a_div.map(|c| b.upload(c)).transpose()?;
+    let p = match a_div {
+        Some(_) => probes.map(|p| b.upload(p)).transpose()?,
+        None => None,
+    };
+    let trace = match &p {
+        Some(p) => DeviceTrace::Probes(p),
+        None => DeviceTrace::Exact,
+    };
+    let sol = solve_device(
+        b,
+        net,
+        &b.upload(&y0)?,
+        (t_end, t_start),
+        DeviceSystem::Adjoint {
+            a_div: c.as_ref(),
+            trace,
+            quadrature: Some(-param_scale),
+        },
+        &DeviceOptions::from(opts.clone()),
+    )?;
+    let y = b.download(&sol.y)?;
+    let pick =
+        |cols: Range<usize>| Tensor::from_fn(rows, cols.len(), |r, j| y.get(r, cols.start + j));
+    let grads = sol
+        .params
+        .as_ref()
+        .ok_or_else(|| Error::invalid("solve_adjoint: the device solve returned no quadrature"))?
+        .try_map(|m| b.download(m))?;
+    Ok(AdjointSolve {
+        a: pick(dim..2 * dim),
+        z: pick(0..dim),
+        grads,
+        stats: sol.stats,
+        quadrature_rows: sol.quadrature_rows,
     })
 }

@@ -9,6 +9,7 @@
 //!   reference of a GPU kernel.
 
 pub mod controller;
+pub mod device;
 pub mod initial_step;
 mod ivp;
 mod options;

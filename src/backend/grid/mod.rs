@@ -210,6 +210,14 @@ impl<G: GridDevice> Grid<G> {
         })
     }
 
+    /// A fresh zeroed vector of `len` u32 indices, for kernels that write indices.
+    pub fn alloc_idx(&self, len: usize) -> Result<GridIdx<G>> {
+        Ok(GridIdx {
+            buf: Arc::new(self.dev.alloc(len * 4)?),
+            len,
+        })
+    }
+
     pub fn launch(
         &self,
         kernel: &'static str,

@@ -3,6 +3,7 @@
 
 use super::fastact::Derivs;
 use super::pass::{self, Directions, DivBar};
+use super::step_cpu::materialise;
 use super::{
     DivCotangent, FieldVjp, ParamGrads, Rk45Ops, TraceMode, check_field, check_trace, check_vjp,
 };
@@ -20,6 +21,7 @@ fn directions<'a>(
 ) -> Directions<'a> {
     match trace {
         TraceMode::Exact => Directions::exact(range.len(), dim),
+        TraceMode::Generated { .. } => unreachable!("generated probes are materialised first"),
         TraceMode::Hutchinson(p) => {
             let cols = p.cols();
             Directions::probes(
@@ -33,8 +35,8 @@ fn directions<'a>(
 
 fn check_trace_finite(trace: &TraceMode<'_, Tensor>) -> Result<()> {
     match trace {
-        TraceMode::Exact => Ok(()),
         TraceMode::Hutchinson(p) => p.check_finite("Hutchinson probes"),
+        _ => Ok(()),
     }
 }
 
@@ -59,13 +61,15 @@ impl Rk45Ops for Cpu {
     ) -> Result<(Tensor, Tensor)> {
         let (rows, dim) = check_field("field_div", net, z, t)?;
         check_trace("field_div", &trace, rows, dim)?;
+        let mut store = None;
+        let trace = materialise(trace, rows, dim, &mut store)?;
         z.check_finite("field_div: z")?;
         t.check_finite("field_div: t")?;
         check_trace_finite(&trace)?;
         // Shallow fields have a cheaper exact trace than D tangent passes (see `TraceForm`).
         let form = match trace {
             TraceMode::Exact => pass::trace_form(net, dim),
-            TraceMode::Hutchinson(_) => None,
+            TraceMode::Hutchinson(_) | TraceMode::Generated { .. } => None,
         };
         let parts = par_row_chunks(rows, CHUNK_ROWS, |r| {
             let zc = &z.data()[r.start * dim..r.end * dim];
@@ -99,6 +103,14 @@ impl Rk45Ops for Cpu {
         let op = "field_vjp";
         let (rows, dim) = check_field(op, net, z, t)?;
         check_vjp(op, net.act, rows, dim, a, div.as_ref(), &params)?;
+        let mut store = None;
+        let div = match div {
+            None => None,
+            Some(d) => Some(DivCotangent {
+                a_div: d.a_div,
+                trace: materialise(d.trace, rows, dim, &mut store)?,
+            }),
+        };
         z.check_finite("field_vjp: z")?;
         t.check_finite("field_vjp: t")?;
         a.check_finite("field_vjp: a")?;

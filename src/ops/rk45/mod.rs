@@ -1,9 +1,10 @@
 //! The vector-field ops of continuous flows (eq. 18.22): the field f(z, t) of an MLP, the field
 //! together with its divergence Tr(∂f/∂z) (eq. 18.28, exact or by Hutchinson's estimator,
 //! eq. 18.29–18.30), and the vector–Jacobian product of the augmented dynamics that the adjoint
-//! method integrates (eq. 18.25–18.26). kernels/rk45.cu will hold the same ops ("the field MLP
-//! evaluated together with its JVP on the probes, in the same pass") next to the stage and
-//! step-control kernels of the device-resident solver.
+//! method integrates (eq. 18.25–18.26). kernels/rk45.cu holds the same ops (the field MLP
+//! evaluated together with its JVPs on the directions, in the same pass; `cuda.rs` launches
+//! them) next to the stage and step-control kernels of the device-resident solver
+//! ([`step`], driven by `ode::device`).
 //!
 //! Conventions shared by every op:
 //! - the field is an `Mlp` taking [z, t] (D + 1 inputs, time last) to D outputs;
@@ -23,6 +24,8 @@ mod narrow;
 mod pass;
 mod probes;
 mod scratch;
+pub mod step;
+mod step_cpu;
 
 use serde::{Deserialize, Serialize};
 
@@ -31,19 +34,34 @@ use crate::error::{Error, Result};
 use crate::nn::mlp::{Activation, Mlp};
 use crate::tensor::Shaped;
 
-pub use probes::{ProbeKind, probe_value, probes};
+pub use probes::{MAX_PROBE_ROW, ProbeKind, generated_probes, probe_value, probes};
+pub use step::{
+    Dense, OdeStepOps, OdeSummary, OdeSystem, Phase, RowStatus, STATE_COLS, ShareMode, StepControl,
+    col,
+};
 
 /// How the divergence Tr(∂f/∂z) is computed.
 #[derive(Debug)]
 pub enum TraceMode<'a, M> {
-    /// Exactly. For a field with at most two hidden layers `field_div` evaluates the trace
-    /// as a bilinear form in the activation slopes (one H1×H2 product per row, whatever D is);
-    /// deeper fields, and the gradient in `field_vjp`, use D forward-mode JVPs along the unit
-    /// vectors, fused in one pass.
+    /// Exactly. On the CPU, for a field with at most two hidden layers `field_div` evaluates
+    /// the trace as a bilinear form in the activation slopes (one H1×H2 product per row,
+    /// whatever D is); deeper fields, the gradient in `field_vjp`, and every field on a grid
+    /// device use D forward-mode JVPs along the unit vectors, fused in one pass.
     Exact,
     /// Hutchinson's estimator (1/M)·Σ_m ε_mᵀ (∂f/∂z) ε_m with the probes of each row: a B×(M·D)
     /// matrix whose row r holds ε_0, …, ε_{M−1} of row r one after the other (see [`probes`]).
     Hutchinson(&'a M),
+    /// Hutchinson's estimator with `m` probes drawn where they are used, by the counter hash of
+    /// [`probe_value`] (a grid device generates them in the kernel: no probe matrix is read).
+    /// Row r of the batch uses the probes of row `rows[r]` (a B×1 matrix of integer-valued row
+    /// indices below [`MAX_PROBE_ROW`], e.g. the caller's rows of a compacted active set), or
+    /// of row r itself when `rows` is None: the same numbers as [`generated_probes`].
+    Generated {
+        m: usize,
+        kind: ProbeKind,
+        seed: u64,
+        rows: Option<&'a M>,
+    },
 }
 
 impl<M> Clone for TraceMode<'_, M> {
@@ -59,20 +77,29 @@ impl<M: Shaped> TraceMode<'_, M> {
         match self {
             TraceMode::Exact => dim,
             TraceMode::Hutchinson(p) => p.cols() / dim.max(1),
+            TraceMode::Generated { m, .. } => *m,
         }
     }
 
     fn check(&self, op: &'static str, rows: usize, dim: usize) -> Result<()> {
-        if let TraceMode::Hutchinson(p) = self
-            && (p.rows() != rows || p.cols() == 0 || !p.cols().is_multiple_of(dim))
-        {
-            return Err(Error::shape(
-                op,
-                format!("Hutchinson probes {rows}x(M·{dim}) with M >= 1"),
-                format!("{}x{}", p.rows(), p.cols()),
-            ));
+        match self {
+            TraceMode::Hutchinson(p)
+                if p.rows() != rows || p.cols() == 0 || !p.cols().is_multiple_of(dim) =>
+            {
+                Err(Error::shape(
+                    op,
+                    format!("Hutchinson probes {rows}x(M·{dim}) with M >= 1"),
+                    format!("{}x{}", p.rows(), p.cols()),
+                ))
+            }
+            TraceMode::Generated { m: 0, .. } => Err(Error::invalid(format!(
+                "{op}: Hutchinson's estimator needs at least one probe"
+            ))),
+            TraceMode::Generated {
+                rows: Some(ids), ..
+            } => ids.expect_shape(op, rows, 1),
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -121,7 +148,7 @@ pub struct FieldVjp<M> {
 }
 
 /// Vector-field ops; see the module documentation for the conventions.
-pub trait Rk45Ops: Device {
+pub trait Rk45Ops: Device + OdeStepOps {
     /// f(z, t): B×D.
     ///
     /// Errors: the MLP is not D+1 → D, z is not B×D or t not B×1, B = 0, a non-finite z or t.
