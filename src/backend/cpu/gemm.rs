@@ -141,6 +141,10 @@ fn small_matmul(c: &mut [f32], a: View, b: View, accumulate: bool) -> bool {
     small_matmul_body(c, a, b, accumulate)
 }
 
+/// [`small_matmul_body`] compiled for AVX2 and FMA.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn small_matmul_avx2(c: &mut [f32], a: View, b: View, accumulate: bool) -> bool {
@@ -296,6 +300,53 @@ mod tests {
                             y + base
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// The AVX2 copy of the plain loops against the same loops compiled for baseline x86-64
+    /// (the scalar reference), bit for bit: every small shape, transpose and accumulation.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_small_loops_match_the_baseline_exactly() {
+        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+            return;
+        }
+        for (m, k, n) in [
+            (256, 1, 64),
+            (256, 64, 2),
+            (64, 256, 2),
+            (33, 17, 3),
+            (5, 40, 37),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let av = if ta {
+                    View::new(&at, k, m).t()
+                } else {
+                    View::new(&a, m, k)
+                };
+                let bv = if tb {
+                    View::new(&bt, n, k).t()
+                } else {
+                    View::new(&b, k, n)
+                };
+                for accumulate in [false, true] {
+                    let mut want = vec![0.5f32; m * n];
+                    let took = small_matmul_body(&mut want, av, bv, accumulate);
+                    let mut got = vec![0.5f32; m * n];
+                    // SAFETY: AVX2 and FMA were detected above.
+                    let took_avx2 = unsafe { small_matmul_avx2(&mut got, av, bv, accumulate) };
+                    assert_eq!(took, took_avx2);
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{m}x{k}x{n} t=({ta},{tb}) acc={accumulate}");
                 }
             }
         }

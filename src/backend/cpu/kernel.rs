@@ -202,6 +202,9 @@ fn drive(isa: Isa, jobs: &[Job], n: usize, c: &mut [f32], ldc: usize) {
 
 /// AVX-512: blocks of 6 rows × 4 vectors (64 columns), narrower column tails with more rows,
 /// so that about 24 of the 32 registers hold accumulators.
+///
+/// # Safety
+/// Every job passed [`check`] and the CPU has AVX-512 F and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn drive_avx512(jobs: &[Job], n: usize, c: &mut [f32], ldc: usize) {
@@ -226,6 +229,9 @@ unsafe fn drive_avx512(jobs: &[Job], n: usize, c: &mut [f32], ldc: usize) {
 }
 
 /// AVX2: blocks of 6 rows × 2 vectors (16 columns): 12 accumulators of 16 registers.
+///
+/// # Safety
+/// Every job passed [`check`] and the CPU has AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn drive_avx2(jobs: &[Job], n: usize, c: &mut [f32], ldc: usize) {
@@ -239,6 +245,10 @@ unsafe fn drive_avx2(jobs: &[Job], n: usize, c: &mut [f32], ldc: usize) {
     }
 }
 
+/// Plain Rust: blocks of 4 rows × 2 arrays of 8.
+///
+/// # Safety
+/// Every job passed [`check`].
 unsafe fn drive_portable(jobs: &[Job], n: usize, c: &mut [f32], ldc: usize) {
     use super::simd::Portable;
     for j0 in (0..n).step_by(16) {

@@ -115,19 +115,40 @@ impl Isa {
 /// compiled with `#[target_feature]` for it, after checking [`Isa::is_supported`]).
 pub trait Lanes: Copy {
     const N: usize;
+    /// # Safety
+    /// The CPU has the instruction set (see [`Lanes`]).
     unsafe fn zero() -> Self;
+    /// # Safety
+    /// As [`Lanes::zero`].
     unsafe fn splat(x: f32) -> Self;
     /// Reads `N` values at `p` (no alignment needed).
+    ///
+    /// # Safety
+    /// `N` values at `p` are readable, and the CPU has the instruction set.
     unsafe fn load(p: *const f32) -> Self;
     /// Writes `N` values at `p` (no alignment needed).
+    ///
+    /// # Safety
+    /// `N` values at `p` are writable, and the CPU has the instruction set.
     unsafe fn store(self, p: *mut f32);
     /// a·b + c with one rounding.
+    ///
+    /// # Safety
+    /// As [`Lanes::zero`].
     unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self;
+    /// # Safety
+    /// As [`Lanes::zero`].
     unsafe fn add(a: Self, b: Self) -> Self;
     /// x where x > 0, else 0 (so NaN and −0 give +0, like the x86 `max` with 0 second).
+    ///
+    /// # Safety
+    /// As [`Lanes::zero`].
     unsafe fn relu(self) -> Self;
     /// self where gate > 0, else 0: the backward of [`Lanes::relu`], gated by the layer's
     /// output (positive exactly where the pre-activation was).
+    ///
+    /// # Safety
+    /// As [`Lanes::zero`].
     unsafe fn keep_where_positive(self, gate: Self) -> Self;
 }
 
@@ -160,31 +181,38 @@ impl Lanes for V16 {
     }
     #[inline(always)]
     unsafe fn splat(x: f32) -> Self {
+        // SAFETY: the CPU has AVX-512 (trait contract).
         unsafe { V16(_mm512_set1_ps(x)) }
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: AVX-512 CPU, and 16 values at p (trait contract).
         unsafe { V16(_mm512_loadu_ps(p)) }
     }
     #[inline(always)]
     unsafe fn store(self, p: *mut f32) {
+        // SAFETY: AVX-512 CPU, and 16 values at p (trait contract).
         unsafe { _mm512_storeu_ps(p, self.0) }
     }
     #[inline(always)]
     unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+        // SAFETY: the CPU has AVX-512 (trait contract).
         unsafe { V16(_mm512_fmadd_ps(a.0, b.0, c.0)) }
     }
     #[inline(always)]
     unsafe fn add(a: Self, b: Self) -> Self {
+        // SAFETY: the CPU has AVX-512 (trait contract).
         unsafe { V16(_mm512_add_ps(a.0, b.0)) }
     }
     #[inline(always)]
     unsafe fn relu(self) -> Self {
         // max returns its second operand unless the first is greater: NaN and ±0 give +0.
+        // SAFETY: the CPU has AVX-512 (trait contract).
         unsafe { V16(_mm512_max_ps(self.0, _mm512_setzero_ps())) }
     }
     #[inline(always)]
     unsafe fn keep_where_positive(self, gate: Self) -> Self {
+        // SAFETY: the CPU has AVX-512 (trait contract).
         unsafe {
             let m = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(gate.0, _mm512_setzero_ps());
             V16(_mm512_maskz_mov_ps(m, self.0))
@@ -207,30 +235,37 @@ impl Lanes for V8 {
     }
     #[inline(always)]
     unsafe fn splat(x: f32) -> Self {
+        // SAFETY: the CPU has AVX2+FMA (trait contract).
         unsafe { V8(_mm256_set1_ps(x)) }
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: AVX2+FMA CPU, and 8 values at p (trait contract).
         unsafe { V8(_mm256_loadu_ps(p)) }
     }
     #[inline(always)]
     unsafe fn store(self, p: *mut f32) {
+        // SAFETY: AVX2+FMA CPU, and 8 values at p (trait contract).
         unsafe { _mm256_storeu_ps(p, self.0) }
     }
     #[inline(always)]
     unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+        // SAFETY: the CPU has AVX2+FMA (trait contract).
         unsafe { V8(_mm256_fmadd_ps(a.0, b.0, c.0)) }
     }
     #[inline(always)]
     unsafe fn add(a: Self, b: Self) -> Self {
+        // SAFETY: the CPU has AVX2+FMA (trait contract).
         unsafe { V8(_mm256_add_ps(a.0, b.0)) }
     }
     #[inline(always)]
     unsafe fn relu(self) -> Self {
+        // SAFETY: the CPU has AVX2+FMA (trait contract).
         unsafe { V8(_mm256_max_ps(self.0, _mm256_setzero_ps())) }
     }
     #[inline(always)]
     unsafe fn keep_where_positive(self, gate: Self) -> Self {
+        // SAFETY: the CPU has AVX2+FMA (trait contract).
         unsafe {
             let m = _mm256_cmp_ps::<_CMP_GT_OQ>(gate.0, _mm256_setzero_ps());
             V8(_mm256_and_ps(self.0, m))

@@ -21,7 +21,7 @@ use crate::backend::Cpu;
 use crate::backend::cpu::kernel::PAD;
 use crate::backend::cpu::mlp::{Grads, PackedMlp, TILE_ROWS};
 use crate::backend::cpu::scratch::Scratch;
-use crate::backend::cpu::simd::simd_dispatch;
+use crate::backend::cpu::vmath::all_finite;
 use crate::backend::cpu::{CHUNK_ROWS, par_fill};
 use crate::error::{Error, Result};
 use crate::nn::mlp::Mlp;
@@ -175,23 +175,6 @@ fn check_given(
     first_row: usize,
 ) -> Staged<()> {
     check_block(what, data, cols, first_row).map_err(|e| (stage, e))
-}
-
-/// Whether every value is finite: integer tests on the exponent bits with no early exit inside
-/// a stretch, so the scan vectorises (it runs over every input and output), in the widest
-/// vector instructions available.
-fn all_finite(data: &[f32]) -> bool {
-    simd_dispatch!(all_finite_impl(data: &[f32]) -> bool)
-}
-
-#[inline(always)]
-fn all_finite_impl(data: &[f32]) -> bool {
-    const EXP: u32 = 0x7f80_0000;
-    data.chunks(4096).all(|c| {
-        c.iter()
-            .fold(0u32, |bad, v| bad | ((v.to_bits() & EXP) == EXP) as u32)
-            == 0
-    })
 }
 
 /// `Tensor::check_finite` behind the fast scan; the position is only looked up on failure.

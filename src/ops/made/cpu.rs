@@ -7,7 +7,7 @@ mod plan;
 
 use super::{MadeOps, MadeSpec};
 use crate::backend::Cpu;
-use crate::backend::cpu::simd::simd_dispatch;
+use crate::backend::cpu::vmath::all_finite;
 use crate::backend::cpu::{CHUNK_ROWS, par_fill};
 use crate::error::{Error, Result};
 use crate::nn::mlp::Mlp;
@@ -31,31 +31,13 @@ const BACKWARD_TILE: usize = 16;
 const FORWARD_CHUNK_ROWS: usize = 2 * CHUNK_ROWS;
 
 /// Errors on the first non-finite entry of `t`. The common all-finite case is one
-/// vectorisable pass (x·0 is 0 exactly when x is finite) in the widest vector instructions
-/// available; `Tensor::check_finite` then names the position.
+/// vectorised scan; `Tensor::check_finite` then names the position.
 fn check_finite(t: &Tensor, what: impl FnOnce() -> String) -> Result<()> {
     if all_finite(t.data()) {
         Ok(())
     } else {
         t.check_finite(&what())
     }
-}
-
-fn all_finite(data: &[f32]) -> bool {
-    simd_dispatch!(all_finite_impl(data: &[f32]) -> bool)
-}
-
-#[inline(always)]
-fn all_finite_impl(data: &[f32]) -> bool {
-    let mut acc = [0.0f32; 16];
-    let chunks = data.chunks_exact(16);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += x * 0.0;
-        }
-    }
-    tail.iter().all(|x| x.is_finite()) && acc.iter().all(|&a| a == 0.0)
 }
 
 /// Everything the ops check before touching data.
