@@ -258,12 +258,7 @@ coupling_fwd_f32(const float* __restrict__ x, float* __restrict__ y, float* __re
     float* wsm = sm + 2 * act_len;
     if (resident) cp_load_resident(wsm, packed, net, false);
     const CpRows rw = cp_rows(rows, dim, copied_upper);
-    CpTransform tf;
-    tf.kind = kind;
-    tf.dir = dir;
-    tf.bins = bins;
-    tf.hp = hp;
-    tf.dshift = dshift;
+    const CpTransform tf = cp_transform(kind, dir, bins, hp, dshift);
 
     const int tiles = (int)(((long long)rows + tm - 1) / tm);
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -405,12 +400,7 @@ FF_DEVICE void cp_backward(const CpNet& net, const float* __restrict__ x, const 
     if (resident) cp_load_resident(wsm, packed, net, true);
     float* my_partial = partial + (long long)blockIdx.x * net.grad_len;
     const CpRows rw = cp_rows(rows, dim, copied_upper);
-    CpTransform tf;
-    tf.kind = kind;
-    tf.dir = dir;
-    tf.bins = bins;
-    tf.hp = hp;
-    tf.dshift = dshift;
+    const CpTransform tf = cp_transform(kind, dir, bins, hp, dshift);
     const int actc = net.act;
 
     const int tiles = (int)(((long long)rows + tm - 1) / tm);
@@ -689,12 +679,7 @@ coupling_fwd_bf16(const float* __restrict__ x, float* __restrict__ y, float* __r
         __syncthreads();
     }
     const CpRows rw = cp_rows(rows, dim, copied_upper);
-    CpTransform tf;
-    tf.kind = kind;
-    tf.dir = dir;
-    tf.bins = bins;
-    tf.hp = hp;
-    tf.dshift = dshift;
+    const CpTransform tf = cp_transform(kind, dir, bins, hp, dshift);
 
     const int tiles = (int)(((long long)rows + tm - 1) / tm);
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
