@@ -617,34 +617,6 @@ on_grid_backends!(errors, super::check_errors);
 // ---------------------------------------------------------------------------------------------
 // bf16 tensor cores.
 
-/// `on_grid_backends!` with the grid backends switched to bf16 matrix products.
-macro_rules! on_grid_backends_bf16 {
-    ($name:ident, $body:path) => {
-        mod $name {
-            use flowfuse::backend::emu::{Emu, ThreadOrder};
-            use flowfuse::backend::grid::Precision;
-            #[test]
-            fn emu_forward() {
-                $body(&Emu::emulated(ThreadOrder::Forward).with_precision(Precision::Bf16));
-            }
-            #[test]
-            fn emu_reverse() {
-                $body(&Emu::emulated(ThreadOrder::Reverse).with_precision(Precision::Bf16));
-            }
-            #[test]
-            fn emu_shuffled() {
-                $body(&Emu::emulated(ThreadOrder::Shuffle(0x5eed)).with_precision(Precision::Bf16));
-            }
-            #[test]
-            fn cuda() {
-                if let Some(b) = crate::common::cuda_or_skip(concat!(module_path!(), "::cuda")) {
-                    $body(&b.with_precision(Precision::Bf16));
-                }
-            }
-        }
-    };
-}
-
 /// bf16 tolerance. bf16 keeps 8 significant bits: every operand of every product is rounded with
 /// relative error up to 2^-9 ≈ 2e-3, and the activations are rounded again between layers, so a
 /// hidden-64 conditioner's outputs (O(1), sums of 64 products) carry errors of a few 1e-3; the
