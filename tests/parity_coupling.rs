@@ -18,21 +18,10 @@ use flowfuse::ops::coupling::{CouplingKind, CouplingOps, CouplingSpec, Half};
 use flowfuse::testing::compare_with_slack;
 use flowfuse::{Direction, Error, Rng, Shaped, Tensor};
 
+use common::coupling::{SPLINE_BOUND, kinds, random_input, random_net};
+
 const HALVES: [Half; 2] = [Half::Lower, Half::Upper];
 const DIRS: [Direction; 2] = [Direction::Forward, Direction::Inverse];
-const BOUND: f32 = 2.0;
-
-fn kinds() -> [CouplingKind; 3] {
-    [
-        CouplingKind::Affine { clamp: 2.0 },
-        CouplingKind::Additive,
-        CouplingKind::Spline {
-            bins: 5,
-            bound: BOUND,
-        },
-    ]
-}
-
 /// Hidden widths with known kernel plans (f32; pinned by the planner's unit tests in
 /// src/ops/coupling/cuda.rs):
 /// - `SMALL`: weights resident in shared memory, 64-row tiles, forward and backward;
@@ -47,45 +36,6 @@ impl Widths {
     const STREAMED: &'static [usize] = &[200, 160];
     const DEEP: &'static [usize] = &[256, 256, 256];
     const WIDE: &'static [usize] = &[512, 400];
-}
-
-/// A conditioner far from the identity: random weights, the output layer scaled up so that
-/// affine scales reach e^±1 and spline bins are clearly uneven.
-fn random_net(spec: &CouplingSpec, hidden: &[usize], act: Activation, seed: u64) -> Mlp<Tensor> {
-    let mut rng = Rng::new(seed);
-    let mut widths = vec![spec.net_in()];
-    widths.extend_from_slice(hidden);
-    widths.push(spec.net_out());
-    let mut net = Mlp::new(&widths, act, &mut rng).unwrap();
-    let gain = match spec.kind {
-        CouplingKind::Spline { .. } => 2.0,
-        _ => 3.0,
-    };
-    let last = net.layers.last_mut().unwrap();
-    last.w = last.w.map(|v| gain * v);
-    last.b = last.b.map(|v| gain * v);
-    net
-}
-
-/// Inputs of scale 1.5; for splines every third transformed value lies outside ±bound (the
-/// identity tails) and the others inside.
-fn random_input(spec: &CouplingSpec, rows: usize, seed: u64) -> Tensor {
-    let mut rng = Rng::new(seed);
-    let mut x = Tensor::randn(rows, spec.dim, &mut rng).map(|v| 1.5 * v);
-    if let CouplingKind::Spline { bound, .. } = spec.kind {
-        for i in 0..rows {
-            for c in spec.transformed_cols() {
-                let v = x.get(i, c);
-                let v = if (i + c) % 3 == 0 {
-                    v.signum() * (bound + 0.1 + v.abs())
-                } else {
-                    (bound - 0.1) * v / (1.0 + v.abs())
-                };
-                x.set(i, c, v);
-            }
-        }
-    }
-    x
 }
 
 /// Collects comparison failures so that one run reports every failing configuration.
@@ -337,7 +287,7 @@ fn check_streamed<B: CouplingOps>(b: &B) {
             Widths::STREAMED,
             CouplingKind::Spline {
                 bins: 4,
-                bound: BOUND,
+                bound: SPLINE_BOUND,
             },
             6,
             37,
@@ -477,7 +427,7 @@ fn check_errors<B: CouplingOps>(b: &B) {
         copied: Half::Upper,
         kind: CouplingKind::Spline {
             bins: 4,
-            bound: BOUND,
+            bound: SPLINE_BOUND,
         },
     };
     let net = random_net(&spec, &[12], Activation::Tanh, 700);
@@ -687,7 +637,7 @@ fn check_bf16<B: CouplingOps>(b: &B) {
             &[64],
             CouplingKind::Spline {
                 bins: 6,
-                bound: BOUND,
+                bound: SPLINE_BOUND,
             },
             6,
         ),

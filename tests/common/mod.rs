@@ -6,6 +6,8 @@
 
 use flowfuse::backend::cuda::{Cuda, availability};
 
+pub mod coupling;
+
 /// The CUDA backend, or None (with the reason printed) when this machine cannot run it.
 pub fn cuda_or_skip(test: &str) -> Option<Cuda> {
     let required = std::env::var("FLOWFUSE_REQUIRE_GPU").is_ok_and(|v| v == "1");
