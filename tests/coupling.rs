@@ -11,10 +11,11 @@ use flowfuse::flows::coupling::CouplingLayer;
 use flowfuse::flows::{FlowLayer, LayerConfig, LayerState};
 use flowfuse::nn::mlp::{Activation, Mlp};
 use flowfuse::ops::coupling::{CouplingKind, CouplingSpec, Half};
-use flowfuse::testing::{assert_close, compare, fd_jacobian, log_abs_det};
+use flowfuse::testing::{assert_close, fd_jacobian, log_abs_det};
 use flowfuse::{Direction, Error, Rng, Shaped, Tensor};
 
 use common::coupling::kinds;
+use common::failures::Failures;
 
 const DIMS: [usize; 3] = [2, 3, 5];
 const HALVES: [Half; 2] = [Half::Lower, Half::Upper];
@@ -84,38 +85,6 @@ fn assert_spline_coverage(spec: &CouplingSpec, x: &Tensor) {
         "{spec:?}: {outside} of {} inputs outside ±{bound}",
         vals.len()
     );
-}
-
-/// Collects comparison failures so that one run reports every failing configuration.
-#[derive(Default)]
-struct Failures(Vec<String>);
-
-impl Failures {
-    fn check(&mut self, what: &str, got: &Tensor, want: &Tensor, atol: f32, rtol: f32) {
-        // FLOWFUSE_TEST_MARGINS=1 prints how much of the tolerance each check uses.
-        if std::env::var_os("FLOWFUSE_TEST_MARGINS").is_some() {
-            let worst = got
-                .data()
-                .iter()
-                .zip(want.data())
-                .map(|(g, w)| (g - w).abs() / (atol + rtol * w.abs()))
-                .fold(0.0f32, f32::max);
-            eprintln!("margin {worst:8.3} of tolerance: {what}");
-        }
-        if let Err(msg) = compare(what, got, want, atol, rtol) {
-            self.0.push(msg);
-        }
-    }
-
-    #[track_caller]
-    fn assert_none(self) {
-        assert!(
-            self.0.is_empty(),
-            "{} failures:\n{}",
-            self.0.len(),
-            self.0.join("\n")
-        );
-    }
 }
 
 fn run<B: Backend>(

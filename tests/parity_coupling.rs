@@ -15,10 +15,10 @@ use flowfuse::backend::grid::Precision;
 use flowfuse::backend::{Cpu, Device};
 use flowfuse::nn::mlp::{Activation, Mlp};
 use flowfuse::ops::coupling::{CouplingKind, CouplingOps, CouplingSpec, Half};
-use flowfuse::testing::compare_with_slack;
 use flowfuse::{Direction, Error, Rng, Shaped, Tensor};
 
 use common::coupling::{SPLINE_BOUND, kinds, random_input, random_net};
+use common::failures::Failures;
 
 const HALVES: [Half; 2] = [Half::Lower, Half::Upper];
 const DIRS: [Direction; 2] = [Direction::Forward, Direction::Inverse];
@@ -36,52 +36,6 @@ impl Widths {
     const STREAMED: &'static [usize] = &[200, 160];
     const DEEP: &'static [usize] = &[256, 256, 256];
     const WIDE: &'static [usize] = &[512, 400];
-}
-
-/// Collects comparison failures so that one run reports every failing configuration.
-#[derive(Default)]
-struct Failures(Vec<String>);
-
-impl Failures {
-    fn check(&mut self, what: &str, got: &Tensor, want: &Tensor, atol: f32, rtol: f32) {
-        let none = Tensor::zeros(want.rows(), want.cols());
-        self.check_slack(what, got, want, atol, rtol, &none);
-    }
-
-    /// As `check`, plus a per-element allowance for ill-conditioned reference values.
-    fn check_slack(
-        &mut self,
-        what: &str,
-        got: &Tensor,
-        want: &Tensor,
-        atol: f32,
-        rtol: f32,
-        slack: &Tensor,
-    ) {
-        // FLOWFUSE_TEST_MARGINS=1 prints how much of the tolerance each check uses.
-        if std::env::var_os("FLOWFUSE_TEST_MARGINS").is_some() {
-            let worst = got
-                .data()
-                .iter()
-                .zip(want.data())
-                .map(|(g, w)| (g - w).abs() / (atol + rtol * w.abs()))
-                .fold(0.0f32, f32::max);
-            eprintln!("margin {worst:8.3} of tolerance: {what}");
-        }
-        if let Err(msg) = compare_with_slack(what, got, want, atol, rtol, slack) {
-            self.0.push(msg);
-        }
-    }
-
-    #[track_caller]
-    fn assert_none(self) {
-        assert!(
-            self.0.is_empty(),
-            "{} failures:\n{}",
-            self.0.len(),
-            self.0.join("\n")
-        );
-    }
 }
 
 /// How many times the reference's own sensitivity a kernel value may deviate by.
@@ -619,7 +573,7 @@ fn check_bf16_close(
         eprintln!("margin {margin:8.3} of tolerance: {what}");
     }
     if !bad.is_empty() {
-        fails.0.push(format!("{what}:\n{}", bad.join("\n")));
+        fails.push(format!("{what}:\n{}", bad.join("\n")));
     }
 }
 
