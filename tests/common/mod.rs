@@ -8,6 +8,7 @@ use flowfuse::backend::cuda::{Cuda, availability};
 
 pub mod coupling;
 pub mod failures;
+pub mod train;
 
 /// The CUDA backend, or None (with the reason printed) when this machine cannot run it.
 pub fn cuda_or_skip(test: &str) -> Option<Cuda> {
