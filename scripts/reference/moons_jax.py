@@ -354,8 +354,7 @@ def run_discrete(model_cls, seed, args, data):
     load_after = os.getloadavg()[0]
     nll = jax.jit(lambda p, x: -jnp.mean(flow_log_prob(model, p, x)))
     return {
-        "params": count_params([p["layer"] for p in params])
-        + count_params([p["actnorm"] for p in params]),
+        "params": count_params(params),
         "steps": steps,
         "loss_every_500": loss_curve(losses, log_std),
         "train_nll": float(nll(params, train_dev)) + log_std,
