@@ -56,10 +56,12 @@ FF_DEVICE float cp_group_sum(float v, int group) {
     return v;
 }
 
-// The copied half of a tile, transposed into `dst` (kp rows of TMS floats, row k = input
-// column k): zeros for padding columns and rows past the batch, so the products stay finite.
-FF_DEVICE void cp_load_copied(float* dst, int tms, int tm, int kp, const float* __restrict__ x, const CpRows& rw,
-                              long long row0, int valid, long long* status) {
+// Every value (m, a) of the copied half of a tile, tm rows by kp columns, handed to
+// `store(m, a, v)`: zeros for padding columns and rows past the batch, so the products stay
+// finite; a non-finite input is flagged.
+template <class Store>
+FF_DEVICE void cp_each_copied(int tm, int kp, const float* __restrict__ x, const CpRows& rw, long long row0,
+                              int valid, long long* status, const Store& store) {
     for (int i = threadIdx.x; i < tm * kp; i += CP_THREADS) {
         const int m = i / kp, a = i % kp;
         float v = 0.0f;
@@ -68,8 +70,15 @@ FF_DEVICE void cp_load_copied(float* dst, int tms, int tm, int kp, const float* 
             v = x[at];
             if (!cp_finite(v)) cp_flag(status, CP_ST_INPUT, at);
         }
-        dst[a * tms + m] = v;
+        store(m, a, v);
     }
+}
+
+// The copied half of a tile, transposed into `dst` (kp rows of TMS floats, row k = input
+// column k).
+FF_DEVICE void cp_load_copied(float* dst, int tms, int tm, int kp, const float* __restrict__ x, const CpRows& rw,
+                              long long row0, int valid, long long* status) {
+    cp_each_copied(tm, kp, x, rw, row0, valid, status, [&](int m, int a, float v) { dst[a * tms + m] = v; });
 }
 
 // Forward/inverse transform of a tile: params are row-major (row m at params + m * ldp). Writes
@@ -258,12 +267,7 @@ coupling_fwd_f32(const float* __restrict__ x, float* __restrict__ y, float* __re
     float* wsm = sm + 2 * act_len;
     if (resident) cp_load_resident(wsm, packed, net, false);
     const CpRows rw = cp_rows(rows, dim, copied_upper);
-    CpTransform tf;
-    tf.kind = kind;
-    tf.dir = dir;
-    tf.bins = bins;
-    tf.hp = hp;
-    tf.dshift = dshift;
+    const CpTransform tf = cp_transform(kind, dir, bins, hp, dshift);
 
     const int tiles = (int)(((long long)rows + tm - 1) / tm);
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -405,12 +409,7 @@ FF_DEVICE void cp_backward(const CpNet& net, const float* __restrict__ x, const 
     if (resident) cp_load_resident(wsm, packed, net, true);
     float* my_partial = partial + (long long)blockIdx.x * net.grad_len;
     const CpRows rw = cp_rows(rows, dim, copied_upper);
-    CpTransform tf;
-    tf.kind = kind;
-    tf.dir = dir;
-    tf.bins = bins;
-    tf.hp = hp;
-    tf.dshift = dshift;
+    const CpTransform tf = cp_transform(kind, dir, bins, hp, dshift);
     const int actc = net.act;
 
     const int tiles = (int)(((long long)rows + tm - 1) / tm);
@@ -689,28 +688,15 @@ coupling_fwd_bf16(const float* __restrict__ x, float* __restrict__ y, float* __r
         __syncthreads();
     }
     const CpRows rw = cp_rows(rows, dim, copied_upper);
-    CpTransform tf;
-    tf.kind = kind;
-    tf.dir = dir;
-    tf.bins = bins;
-    tf.hp = hp;
-    tf.dshift = dshift;
+    const CpTransform tf = cp_transform(kind, dir, bins, hp, dshift);
 
     const int tiles = (int)(((long long)rows + tm - 1) / tm);
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const long long row0 = (long long)tile * tm;
         const int valid = (int)min((long long)tm, rows - row0);
-        const int kp0 = net.kp[0];
-        for (int i = threadIdx.x; i < tm * kp0; i += CP_THREADS) {
-            const int m = i / kp0, a = i % kp0;
-            float v = 0.0f;
-            if (m < valid && a < rw.na) {
-                const long long at = (row0 + m) * rw.dim + rw.a0 + a;
-                v = x[at];
-                if (!cp_finite(v)) cp_flag(status, CP_ST_INPUT, at);
-            }
-            act0[m * lda + a] = ff_f32_to_bf16(v);
-        }
+        // Row-major in bf16 (row m at act0 + m * lda).
+        cp_each_copied(tm, net.kp[0], x, rw, row0, valid, status,
+                       [&](int m, int a, float v) { act0[m * lda + a] = ff_f32_to_bf16(v); });
         __syncthreads();
         int cur = 0, roff = 0;
         for (int l = 0; l < L; ++l) {

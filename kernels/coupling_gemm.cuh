@@ -111,6 +111,26 @@ FF_DEVICE void cp_stage_store(const float4 (&pre)[CP_STAGE_VEC], float* stage, i
     }
 }
 
+// Streams columns [c0, c0 + nc) of the weights g.b through the two shared-memory stages in
+// slices of g.ks rows: the next slice's loads are in flight while `mac(stage, lds, s)` computes
+// on slice s. The slice just computed is overwritten two iterations on and the one stored now is
+// read in the next, so one barrier per slice covers both. Every thread of the block calls it.
+template <class Mac>
+FF_DEVICE void cp_staged_slices(const CpGemm& g, int c0, int nc, const Mac& mac) {
+    const int slices = g.red / g.ks, lds = cp_stage_ld(nc), per = g.ks * nc / 4;
+    float4 pre[CP_STAGE_VEC];
+    cp_stage_load(pre, g.b, g.ldb, 0, c0, nc, per);
+    cp_stage_store(pre, g.stage, per, nc);
+    __syncthreads();
+    for (int s = 0; s < slices; ++s) {
+        const bool more = s + 1 < slices;
+        if (more) cp_stage_load(pre, g.b, g.ldb, (s + 1) * g.ks, c0, nc, per);
+        mac(g.stage + (s & 1) * g.ks * lds, lds, s);
+        if (more) cp_stage_store(pre, g.stage + ((s + 1) & 1) * g.ks * lds, per, nc);
+        __syncthreads();
+    }
+}
+
 template <int RM>
 FF_DEVICE void cp_epilogue(const CpGemm& g, const float (&acc)[RM][8], int m0, int c_lo, int c_hi) {
     if (g.epi == CP_EPI_T) {
@@ -175,7 +195,6 @@ FF_DEVICE void cp_gemm_run(const CpGemm& g) {
     const int mr = min(tyn * RM, cp_rows_per_pass(g.rows));
     const bool active = ty * RM < mr;
     const int n0 = tx * 4, n1 = nc / 2 + tx * 4;
-    const int per = g.ks * nc / 4;
     for (int r0 = 0; r0 < g.rows; r0 += mr) {
         const int m0 = r0 + ty * RM;
         const float* a = g.a + m0 * g.a_row;
@@ -187,23 +206,10 @@ FF_DEVICE void cp_gemm_run(const CpGemm& g) {
                 for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
             }
             if (g.staged) {
-                const int slices = g.red / g.ks;
-                float4 pre[CP_STAGE_VEC];
-                const int lds = cp_stage_ld(nc);
-                cp_stage_load(pre, g.b, g.ldb, 0, c0, nc, per);
-                cp_stage_store(pre, g.stage, per, nc);
-                __syncthreads();
-                for (int s = 0; s < slices; ++s) {
-                    const bool more = s + 1 < slices;
-                    if (more) cp_stage_load(pre, g.b, g.ldb, (s + 1) * g.ks, c0, nc, per);
+                cp_staged_slices(g, c0, nc, [&](const float* st, int lds, int s) {
                     if (active)
-                        cp_mac<RM, ACONT>(acc, a + s * g.ks * g.a_red, g.a_red, g.a_row,
-                                          g.stage + (s & 1) * g.ks * lds, lds, g.ks, n0, n1);
-                    if (more) cp_stage_store(pre, g.stage + ((s + 1) & 1) * g.ks * lds, per, nc);
-                    // The slice just computed is overwritten two iterations on; the one stored
-                    // now is read in the next: one barrier covers both.
-                    __syncthreads();
-                }
+                        cp_mac<RM, ACONT>(acc, a + s * g.ks * g.a_red, g.a_red, g.a_row, st, lds, g.ks, n0, n1);
+                });
             } else if (active) {
                 cp_mac<RM, ACONT>(acc, a, g.a_red, g.a_row, g.b + c0, g.ldb, g.red, n0, n1);
             }

@@ -237,7 +237,6 @@ FF_DEVICE void cp_gemm_mma_run(const CpGemm& g) {
     const int wr = warp / wcn, wc = warp % wcn;
     const int mr = (CP_THREADS / FF_WARP / wcn) * 16 * MT;
     const int nw = wc * 8 * NT8;
-    const int per = g.ks * nc / 4;
     for (int r0 = 0; r0 < g.rows; r0 += mr) {
         const int mw = r0 + wr * 16 * MT;
         for (int c0 = 0; c0 < g.cols; c0 += nc) {
@@ -251,21 +250,11 @@ FF_DEVICE void cp_gemm_mma_run(const CpGemm& g) {
                 }
             }
             if (g.staged) {
-                const int slices = g.red / g.ks, lds = cp_stage_ld(nc);
-                float4 pre[CP_STAGE_VEC];
-                cp_stage_load(pre, g.b, g.ldb, 0, c0, nc, per);
-                cp_stage_store(pre, g.stage, per, nc);
-                __syncthreads();
-                for (int s = 0; s < slices; ++s) {
-                    const bool more = s + 1 < slices;
-                    if (more) cp_stage_load(pre, g.b, g.ldb, (s + 1) * g.ks, c0, nc, per);
-                    const float* st = g.stage + (s & 1) * g.ks * lds;
+                cp_staged_slices(g, c0, nc, [&](const float* st, int lds, int s) {
 #pragma unroll 1
                     for (int kk = 0; kk < g.ks; kk += 16)
                         cp_mma_f32_k16<MT, NT8>(acc, g, mw, s * g.ks + kk, st, lds, nw, kk);
-                    if (more) cp_stage_store(pre, g.stage + ((s + 1) & 1) * g.ks * lds, per, nc);
-                    __syncthreads();
-                }
+                });
             } else {
 #pragma unroll 1
                 for (int k0 = 0; k0 < g.red; k0 += 16)

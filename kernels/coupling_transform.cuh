@@ -24,6 +24,17 @@ struct CpTransform {
     float dshift;    // spline: ln(e^(1 - min) - 1), computed on the host in f64
 };
 
+// The transform from the kernels' scalar arguments (the same five in every coupling kernel).
+FF_DEVICE CpTransform cp_transform(int kind, int dir, int bins, float hp, float dshift) {
+    CpTransform tf;
+    tf.kind = kind;
+    tf.dir = dir;
+    tf.bins = bins;
+    tf.hp = hp;
+    tf.dshift = dshift;
+    return tf;
+}
+
 // Softmax of n logits as p_i = expf(l_i - max) * inv, with the sum in f64 as on the CPU.
 struct CpSoftmax {
     float max;

@@ -143,6 +143,61 @@ FF_DEVICE void made_block_interval(int* s_lo, int* s_hi, int warp, int lane, int
     *bhi = h;
 }
 
+// A block's schedule: the steps [r_first, r_first + steps·BK) of BK reduction indices from
+// p.r_begin cover the hull of its warps' live intervals, and a warp computes a step when its own
+// interval [wlo, whi] meets it. FWD/DX: the warp's units are [unit0, unit0 + units). DW: the
+// warp's sub-tile (input units [dm0, dm0 + drows), output units [dn0, dn0 + dcols)) is live for
+// the whole chunk or not at all, and the blocks of the first row tile run every step of the chunk
+// (`bias_block`: they also sum dY for the bias gradient).
+struct MadeSchedule {
+    int wlo, whi, steps, r_first;
+    bool bias_block;
+};
+
+template <int MODE, int BK>
+FF_DEVICE MadeSchedule made_schedule(const MadeGemm& p, int* s_lo, int* s_hi, int warp, int lane, int m0, int unit0,
+                                     int units, int dm0, int drows, int dn0, int dcols) {
+    MadeSchedule sc;
+    int blo, bhi;
+    sc.bias_block = false;
+    if (MODE == MADE_DW) {
+        const bool live = made_warp_dw_live(p, dm0, drows, dn0, dcols, lane);
+        sc.wlo = live ? p.r_begin : 0x7fffffff;
+        sc.whi = live ? p.r_end - 1 : -1;
+        sc.bias_block = m0 == 0;
+        made_block_interval(s_lo, s_hi, warp, lane, sc.wlo, sc.whi, &blo, &bhi);
+        if (sc.bias_block) {
+            blo = p.r_begin;
+            bhi = p.r_end - 1;
+        }
+    } else {
+        made_warp_interval(p, MODE, unit0, units, lane, &sc.wlo, &sc.whi);
+        made_block_interval(s_lo, s_hi, warp, lane, sc.wlo, sc.whi, &blo, &bhi);
+    }
+    sc.steps = bhi >= blo ? (bhi - p.r_begin) / BK - (blo - p.r_begin) / BK + 1 : 0;
+    sc.r_first = p.r_begin + ((blo - p.r_begin) / BK) * BK;
+    return sc;
+}
+
+// Per-thread constants of the B loaders: FWD the output degree of the column `n` the thread
+// loads; DX the input degrees of the four units n0 + (t >> 4) + 16i it loads.
+template <int MODE>
+FF_DEVICE void made_loader_degrees(const MadeGemm& p, int n0, int n, unsigned* col_deg, unsigned own_deg[4]) {
+    const int t = threadIdx.x;
+    *col_deg = 0u;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) own_deg[i] = 0u;
+    if (MODE == MADE_FWD) {
+        *col_deg = n < p.n ? p.deg_out[n] : 0u;
+    } else if (MODE == MADE_DX) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int u = n0 + (t >> 4) + 16 * i;
+            own_deg[i] = u < p.n ? p.deg_in[u] : 0xffffffffu;
+        }
+    }
+}
+
 // Element epilogue shared by both precisions.
 template <int MODE>
 FF_DEVICE void made_store(const MadeGemm& p, int m, int n, float v) {
@@ -290,40 +345,12 @@ FF_DEVICE void made_gemm_f32(const MadeGemm& p, MadeF32Smem& sm) {
     const int tn = MODE == MADE_DW ? (warp & 1) * 32 + (lane & 3) * 8 : warp * MADE_F32_WARP_N;
     const int wn0 = n0 + warp * MADE_F32_WARP_N;
 
-    // Schedule: the steps [s_first, s_last] of MADE_F32_BK reduction indices starting at
-    // p.r_begin; a warp computes step s when its live interval [wlo, whi] meets it.
-    int wlo, whi, blo, bhi;
-    bool bias_block = false;
-    if (MODE == MADE_DW) {
-        const bool live = made_warp_dw_live(p, m0 + (warp >> 1) * 32, 32, n0 + (warp & 1) * 32, 32, lane);
-        wlo = live ? p.r_begin : 0x7fffffff;
-        whi = live ? p.r_end - 1 : -1;
-        bias_block = m0 == 0;
-        made_block_interval(sm.lo, sm.hi, warp, lane, wlo, whi, &blo, &bhi);
-        if (bias_block) {
-            blo = p.r_begin;
-            bhi = p.r_end - 1;
-        }
-    } else {
-        made_warp_interval(p, MODE, wn0, MADE_F32_WARP_N, lane, &wlo, &whi);
-        made_block_interval(sm.lo, sm.hi, warp, lane, wlo, whi, &blo, &bhi);
-    }
-    const int steps = bhi >= blo ? (bhi - p.r_begin) / MADE_F32_BK - (blo - p.r_begin) / MADE_F32_BK + 1 : 0;
-    const int r_first = p.r_begin + ((blo - p.r_begin) / MADE_F32_BK) * MADE_F32_BK;
-
-    // Per-thread constants of the B loader.
-    unsigned col_deg = 0u;
-    unsigned own_deg[4] = {0u, 0u, 0u, 0u};
-    if (MODE == MADE_FWD) {
-        const int n = n0 + (t & 63);
-        col_deg = n < p.n ? p.deg_out[n] : 0u;
-    } else if (MODE == MADE_DX) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int n = n0 + (t >> 4) + 16 * i;
-            own_deg[i] = n < p.n ? p.deg_in[n] : 0xffffffffu;
-        }
-    }
+    const MadeSchedule sc = made_schedule<MODE, MADE_F32_BK>(p, sm.lo, sm.hi, warp, lane, m0, wn0, MADE_F32_WARP_N,
+                                                            m0 + (warp >> 1) * 32, 32, n0 + (warp & 1) * 32, 32);
+    const int wlo = sc.wlo, whi = sc.whi, steps = sc.steps, r_first = sc.r_first;
+    const bool bias_block = sc.bias_block;
+    unsigned col_deg, own_deg[4];
+    made_loader_degrees<MODE>(p, n0, n0 + (t & 63), &col_deg, own_deg);
 
     float acc[4][8];
 #pragma unroll
@@ -502,37 +529,13 @@ FF_DEVICE void made_gemm_bf16(const MadeGemm& p, MadeBf16Smem& sm) {
     const int n0 = blockIdx.x * MADE_BN, m0 = blockIdx.y * MADE_BM;
     const int wn0 = n0 + wn * MADE_BF16_WARP_N;
 
-    int wlo, whi, blo, bhi;
-    bool bias_block = false;
-    if (MODE == MADE_DW) {
-        const bool live = made_warp_dw_live(p, m0 + wm * MADE_BF16_WARP_M, MADE_BF16_WARP_M, wn0, MADE_BF16_WARP_N, lane);
-        wlo = live ? p.r_begin : 0x7fffffff;
-        whi = live ? p.r_end - 1 : -1;
-        bias_block = m0 == 0;
-        made_block_interval(sm.lo, sm.hi, warp, lane, wlo, whi, &blo, &bhi);
-        if (bias_block) {
-            blo = p.r_begin;
-            bhi = p.r_end - 1;
-        }
-    } else {
-        made_warp_interval(p, MODE, wn0, MADE_BF16_WARP_N, lane, &wlo, &whi);
-        made_block_interval(sm.lo, sm.hi, warp, lane, wlo, whi, &blo, &bhi);
-    }
-    const int steps = bhi >= blo ? (bhi - p.r_begin) / MADE_BF16_BK - (blo - p.r_begin) / MADE_BF16_BK + 1 : 0;
-    const int r_first = p.r_begin + ((blo - p.r_begin) / MADE_BF16_BK) * MADE_BF16_BK;
-
-    unsigned col_deg = 0u;
-    unsigned own_deg[4] = {0u, 0u, 0u, 0u};
-    if (MODE == MADE_FWD) {
-        const int n = n0 + warp * 8 + (lane & 7);
-        col_deg = n < p.n ? p.deg_out[n] : 0u;
-    } else if (MODE == MADE_DX) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int n = n0 + (t >> 4) + 16 * i;
-            own_deg[i] = n < p.n ? p.deg_in[n] : 0xffffffffu;
-        }
-    }
+    const MadeSchedule sc = made_schedule<MODE, MADE_BF16_BK>(p, sm.lo, sm.hi, warp, lane, m0, wn0, MADE_BF16_WARP_N,
+                                                             m0 + wm * MADE_BF16_WARP_M, MADE_BF16_WARP_M, wn0,
+                                                             MADE_BF16_WARP_N);
+    const int wlo = sc.wlo, whi = sc.whi, steps = sc.steps, r_first = sc.r_first;
+    const bool bias_block = sc.bias_block;
+    unsigned col_deg, own_deg[4];
+    made_loader_degrees<MODE>(p, n0, n0 + warp * 8 + (lane & 7), &col_deg, own_deg);
 
     float acc[4][2][4];
 #pragma unroll
@@ -771,6 +774,10 @@ made_ar_transform_bwd_f32(const float* __restrict__ o, const float* __restrict__
 // Row stride (floats) of a shared buffer of `width` units: a multiple of 32 plus 4.
 FF_DEVICE int made_seq_stride(int width) { return ((width + 31) / 32) * 32 + 4; }
 
+// The degree-order index of data column j with degree k: k - 1, or j itself for a degree outside
+// 1..d (wrong degrees give wrong numbers, never an access out of bounds).
+FF_DEVICE int made_seq_col(unsigned k, int d, int j) { return (k >= 1u && k <= (unsigned)d) ? (int)k - 1 : j; }
+
 extern __shared__ float ff_smem[];
 
 // acc = Σ_{a < len} w[a]·src[row·stride + a] over a warp item; the result in every lane.
@@ -822,8 +829,7 @@ made_seq_f32(const float* __restrict__ x, float* __restrict__ y, float* __restri
     // Given values into u in degree order; hidden buffers zeroed (finite even for bad degrees).
     for (int i = t; i < block_rows * d; i += MADE_THREADS) {
         const int r = i / d, j = i % d;
-        const unsigned k = deg0[j];
-        const int col = (k >= 1u && k <= (unsigned)d) ? (int)k - 1 : j;
+        const int col = made_seq_col(deg0[j], d, j);
         u[r * su + col] = row0 + r < rows ? x[(long long)(row0 + r) * d + j] : 0.0f;
     }
     for (int i = t; i < block_rows * (sh0 + sh1 + sh2); i += MADE_THREADS) hb0[i] = 0.0f;
@@ -893,8 +899,7 @@ made_seq_f32(const float* __restrict__ x, float* __restrict__ y, float* __restri
     // Results back in the data's column order.
     for (int i = t; i < block_rows * d; i += MADE_THREADS) {
         const int r = i / d, j = i % d;
-        const unsigned k = deg0[j];
-        const int col = (k >= 1u && k <= (unsigned)d) ? (int)k - 1 : j;
+        const int col = made_seq_col(deg0[j], d, j);
         if (row0 + r < rows) y[(long long)(row0 + r) * d + j] = u[r * su + col];
     }
     if (t < block_rows && row0 + t < rows) ld[row0 + t] = (float)ld_acc;
@@ -923,8 +928,7 @@ made_seq_pack_f32(const float* __restrict__ w0, const float* __restrict__ w1, co
         if (e >= off[nh + 1]) {
             const int c = (int)(e - off[nh + 1]);
             const int j = c % d, half = c / d;
-            const unsigned k = deg0[j];
-            const int kk = (k >= 1u && k <= (unsigned)d) ? (int)k - 1 : j;
+            const int kk = made_seq_col(deg0[j], d, j);
             wt[off[nh + 1] + 2 * kk + half] = bo[c];
             continue;
         }
@@ -935,14 +939,10 @@ made_seq_pack_f32(const float* __restrict__ w0, const float* __restrict__ w1, co
         const long long local = e - off[l];
         int a = (int)(local / out), c = (int)(local % out);
         const float v = src[l][local];
-        if (l == 0) {
-            const unsigned k = deg0[a];
-            a = (k >= 1u && k <= (unsigned)d) ? (int)k - 1 : a;
-        }
+        if (l == 0) a = made_seq_col(deg0[a], d, a);
         if (l == nh) {
             const int j = c % d, half = c / d;
-            const unsigned k = deg0[j];
-            const int kk = (k >= 1u && k <= (unsigned)d) ? (int)k - 1 : j;
+            const int kk = made_seq_col(deg0[j], d, j);
             c = 2 * kk + half;
         }
         wt[off[l] + (long long)c * in + a] = v;

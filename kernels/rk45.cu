@@ -957,6 +957,14 @@ rk45_stage_f32(const float* __restrict__ y, const float* __restrict__ k0, const 
     }
 }
 
+// Row r's controller state into registers. Threads past the batch carry a finished row of
+// zeros through the collectives.
+FF_DEVICE void rk_load_state(float (&s)[RK_STATE_COLS], const float* state, long long r, bool in_batch) {
+#pragma unroll
+    for (int q = 0; q < RK_STATE_COLS; ++q) s[q] = in_batch ? state[r * RK_STATE_COLS + q] : 0.0f;
+    if (!in_batch) s[RK_STATUS] = RK_DONE;
+}
+
 // Sum over the `lanes` consecutive lanes of a row group (1 or 32); every lane of the warp
 // calls it.
 FF_DEVICE double rk_group_sum(double v, int lanes) {
@@ -984,11 +992,8 @@ rk45_step_end_f32(float* __restrict__ y, float* __restrict__ k0, const float* __
     const long long r = gid / lanes;
     const int sub = (int)(gid % lanes);
     const bool in_batch = r < rows;
-    // Threads past the batch carry a finished row of zeros through the collectives.
     float s[RK_STATE_COLS];
-#pragma unroll
-    for (int q = 0; q < RK_STATE_COLS; ++q) s[q] = in_batch ? state[r * RK_STATE_COLS + q] : 0.0f;
-    if (!in_batch) s[RK_STATUS] = RK_DONE;
+    rk_load_state(s, state, r, in_batch);
     const float* ks[7] = {k0, k1, k2, k3, k4, k5, k6};
     if (phase & RK_PHASE_ERROR) {
         s[RK_VERDICT] = 0.0f;
@@ -1098,9 +1103,7 @@ rk45_initial_step_f32(const float* __restrict__ y0, const float* __restrict__ f0
     const int sub = (int)(gid % lanes);
     const bool in_batch = r < rows;
     float s[RK_STATE_COLS];
-#pragma unroll
-    for (int q = 0; q < RK_STATE_COLS; ++q) s[q] = in_batch ? state[r * RK_STATE_COLS + q] : 0.0f;
-    if (!in_batch) s[RK_STATUS] = RK_DONE;
+    rk_load_state(s, state, r, in_batch);
     const bool act = s[RK_STATUS] == RK_ACTIVE;
     // Scaled sums of squares of y0, f0 and (f1 − f0); a non-finite derivative.
     double sy = 0.0, sf = 0.0, sd = 0.0;

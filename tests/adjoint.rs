@@ -508,17 +508,7 @@ fn check_mle_training_lowers_nll<B: Backend>(b: &B) {
     let mut cnf = Cnf::new(b, cfg, &mut rng).unwrap();
     let test_d = b.upload(&test).unwrap();
     let before = cnf.nll(b, &test_d).unwrap();
-    let tc = flowfuse::train::trainer::TrainConfig {
-        steps: 40,
-        batch: 128,
-        adam: flowfuse::ops::optim::AdamHyper {
-            lr: 1e-2,
-            ..Default::default()
-        },
-        eval_every: 40,
-        progress: false,
-        ..Default::default()
-    };
+    let tc = common::train::quiet_training(40, 128, 1e-2);
     let report = flowfuse::train::trainer::train(&mut cnf, b, &train, &test, &tc, None).unwrap();
     assert!(
         report.test_nll < before - 0.1,

@@ -2,7 +2,7 @@
 //! figures and ends with one JSON line; eval and sample read the model back; bad arguments and
 //! bad files give one line on stderr and a non-zero exit, never a panic.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn flowfuse(args: &[&str]) -> Output {
@@ -10,6 +10,33 @@ fn flowfuse(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run flowfuse")
+}
+
+/// Runs the tool and asserts that it succeeded, with its stderr in the message otherwise.
+fn flowfuse_ok(args: &[&str]) -> Output {
+    let out = flowfuse(args);
+    assert!(
+        out.status.success(),
+        "flowfuse {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `flowfuse eval` of `model` on `samples` fresh two-moons points: the reported NLL.
+fn eval_nll(model: &Path, samples: &str) -> f64 {
+    let eval = flowfuse_ok(&[
+        "eval",
+        "--device",
+        "cpu",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        "moons",
+        "--samples",
+        samples,
+    ]);
+    last_json(&eval)["nll"].as_f64().unwrap()
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -57,7 +84,7 @@ fn assert_clean_failure(out: &Output, code: i32, mention: &str) {
 fn train_eval_sample_roundtrip() {
     let dir = scratch("train");
     let out_dir = dir.join("run");
-    let out = flowfuse(&[
+    let out = flowfuse_ok(&[
         "train",
         "--device",
         "cpu",
@@ -71,11 +98,6 @@ fn train_eval_sample_roundtrip() {
         "--out",
         out_dir.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "train failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let report = last_json(&out);
     for key in [
         "model",
@@ -113,27 +135,12 @@ fn train_eval_sample_roundtrip() {
     }
 
     let model = out_dir.join("model.safetensors");
-    let eval = flowfuse(&[
-        "eval",
-        "--device",
-        "cpu",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        "moons",
-        "--samples",
-        "500",
-    ]);
-    assert!(
-        eval.status.success(),
-        "{}",
-        String::from_utf8_lossy(&eval.stderr)
-    );
-    assert!(last_json(&eval)["nll"].as_f64().unwrap().is_finite());
+    let nll = eval_nll(&model, "500");
+    assert!(nll.is_finite());
 
     for ext in ["npy", "csv"] {
         let path = dir.join(format!("s.{ext}"));
-        let s = flowfuse(&[
+        flowfuse_ok(&[
             "sample",
             "--device",
             "cpu",
@@ -144,7 +151,6 @@ fn train_eval_sample_roundtrip() {
             "--out",
             path.to_str().unwrap(),
         ]);
-        assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
         let t = if ext == "npy" {
             flowfuse::train::npy::read_npy(&path)
         } else {
@@ -169,7 +175,7 @@ fn maf_trains_on_a_csv_file() {
         text.push_str(&format!("{},{},{}\n", t.sin(), t.cos() * 2.0, t * 0.1));
     }
     std::fs::write(&csv, text).unwrap();
-    let out = flowfuse(&[
+    let out = flowfuse_ok(&[
         "train",
         "--model",
         "maf",
@@ -183,11 +189,6 @@ fn maf_trains_on_a_csv_file() {
         "--out",
         dir.join("run").to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let report = last_json(&out);
     assert_eq!(report["dim"], 3);
     // No figures for 3-D data.
@@ -283,8 +284,7 @@ fn bad_arguments_give_one_line_errors() {
 
 #[test]
 fn info_reports_backends() {
-    let out = flowfuse(&["info"]);
-    assert!(out.status.success());
+    let out = flowfuse_ok(&["info"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
     assert!(v["gpu"].as_str().unwrap().contains("usable"));
@@ -296,7 +296,7 @@ fn cnf_trains_evaluates_and_samples() {
     let dir = scratch("cnf");
     for (objective, trace) in [("fm", "exact"), ("mle", "hutchinson")] {
         let out_dir = dir.join(objective);
-        let out = flowfuse(&[
+        let out = flowfuse_ok(&[
             "train",
             "--model",
             "cnf",
@@ -320,11 +320,6 @@ fn cnf_trains_evaluates_and_samples() {
             "--out",
             out_dir.to_str().unwrap(),
         ]);
-        assert!(
-            out.status.success(),
-            "{objective}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         let report = last_json(&out);
         assert_eq!(report["model"], "cnf");
         assert!(report["test_nll"].as_f64().unwrap().is_finite());
@@ -349,25 +344,10 @@ fn cnf_trains_evaluates_and_samples() {
             );
         }
         let model = out_dir.join("model.safetensors");
-        let eval = flowfuse(&[
-            "eval",
-            "--device",
-            "cpu",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            "moons",
-            "--samples",
-            "300",
-        ]);
-        assert!(
-            eval.status.success(),
-            "{}",
-            String::from_utf8_lossy(&eval.stderr)
-        );
+        let nll = eval_nll(&model, "300");
         // The reloaded model gives the NLL of the run it came from, on the same kind of data.
-        assert!(last_json(&eval)["nll"].as_f64().unwrap().is_finite());
-        let s = flowfuse(&[
+        assert!(nll.is_finite());
+        flowfuse_ok(&[
             "sample",
             "--device",
             "cpu",
@@ -378,7 +358,6 @@ fn cnf_trains_evaluates_and_samples() {
             "--out",
             dir.join("c.npy").to_str().unwrap(),
         ]);
-        assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
     }
     assert_clean_failure(
         &flowfuse(&[

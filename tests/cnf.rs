@@ -751,17 +751,7 @@ fn check_trained_density_integrates_to_one<B: Backend>(b: &B) {
     cfg.solver.rtol = 1e-5;
     cfg.solver.atol = 1e-5;
     let mut cnf = Cnf::new(b, cfg, &mut rng).unwrap();
-    let tc = flowfuse::train::trainer::TrainConfig {
-        steps: 400,
-        batch: 256,
-        adam: flowfuse::ops::optim::AdamHyper {
-            lr: 5e-3,
-            ..Default::default()
-        },
-        eval_every: 400,
-        progress: false,
-        ..Default::default()
-    };
+    let tc = common::train::quiet_training(400, 256, 5e-3);
     let before = cnf.nll(b, &b.upload(&test).unwrap()).unwrap();
     let report = flowfuse::train::trainer::train(&mut cnf, b, &train, &test, &tc, None).unwrap();
     assert!(
@@ -815,16 +805,8 @@ fn check_flow_matching_quality<B: Backend>(b: &B) {
     )
     .unwrap();
     let tc = flowfuse::train::trainer::TrainConfig {
-        steps: 30_000,
-        batch: 512,
-        adam: flowfuse::ops::optim::AdamHyper {
-            lr: 3e-3,
-            ..Default::default()
-        },
-        eval_every: 30_000,
         eval_batch: 4000,
-        progress: false,
-        ..Default::default()
+        ..common::train::quiet_training(30_000, 512, 3e-3)
     };
     let report = flowfuse::train::trainer::train(&mut cnf, b, &train, &test, &tc, None).unwrap();
     let started = std::time::Instant::now();

@@ -11,13 +11,15 @@ use flowfuse::flows::coupling::CouplingLayer;
 use flowfuse::flows::{FlowLayer, LayerConfig, LayerState};
 use flowfuse::nn::mlp::{Activation, Mlp};
 use flowfuse::ops::coupling::{CouplingKind, CouplingSpec, Half};
-use flowfuse::testing::{assert_close, compare, fd_jacobian, log_abs_det};
+use flowfuse::testing::{assert_close, fd_jacobian, log_abs_det};
 use flowfuse::{Direction, Error, Rng, Shaped, Tensor};
+
+use common::coupling::kinds;
+use common::failures::Failures;
 
 const DIMS: [usize; 3] = [2, 3, 5];
 const HALVES: [Half; 2] = [Half::Lower, Half::Upper];
 const DIRS: [Direction; 2] = [Direction::Forward, Direction::Inverse];
-const SPLINE_BOUND: f32 = 2.0;
 
 /// Finite-difference step: a power of two, so that x ± EPS is exact in f32 for the quantised
 /// test values below.
@@ -25,17 +27,6 @@ const EPS: f64 = 1.0 / 1024.0;
 
 /// Step of the fourth-order differences used for gradients (also a power of two).
 const FD_STEP: f32 = 1.0 / 128.0;
-
-fn kinds() -> [CouplingKind; 3] {
-    [
-        CouplingKind::Affine { clamp: 2.0 },
-        CouplingKind::Additive,
-        CouplingKind::Spline {
-            bins: 5,
-            bound: SPLINE_BOUND,
-        },
-    ]
-}
 
 /// Every (kind, dim, half) combination.
 fn specs() -> Vec<CouplingSpec> {
@@ -55,20 +46,11 @@ fn quantise(t: &Tensor) -> Tensor {
     t.map(|v| (v * 4096.0).round() / 4096.0)
 }
 
-/// A conditioner far from the identity: random weights with the output layer scaled up, so
-/// that affine scales reach e^±1 and beyond and spline bins are clearly uneven.
+/// The shared conditioner (hidden widths 8 and 7), quantised.
 fn random_net(spec: &CouplingSpec, act: Activation, seed: u64) -> Mlp<Tensor> {
-    let mut rng = Rng::new(seed);
-    let mut net = Mlp::new(&[spec.net_in(), 8, 7, spec.net_out()], act, &mut rng).unwrap();
-    let gain = match spec.kind {
-        // Steeper splines make the f32 finite differences of the log-det too noisy.
-        CouplingKind::Spline { .. } => 2.0,
-        _ => 3.0,
-    };
-    let last = net.layers.last_mut().unwrap();
-    last.w = last.w.map(|v| gain * v);
-    last.b = last.b.map(|v| gain * v);
-    net.try_map(|t| Ok(quantise(t))).unwrap()
+    common::coupling::random_net(spec, &[8, 7], act, seed)
+        .try_map(|t| Ok(quantise(t)))
+        .unwrap()
 }
 
 fn random_layer<B: Backend>(b: &B, spec: CouplingSpec, seed: u64) -> CouplingLayer<B> {
@@ -83,26 +65,10 @@ fn random_layer<B: Backend>(b: &B, spec: CouplingSpec, seed: u64) -> CouplingLay
     }
 }
 
-/// Standard normal inputs of scale 1.5. For splines every third transformed value is pushed
-/// at least 0.1 outside [−bound, bound] and the others at least 0.1 inside, so that the test
-/// sees both the spline and its identity tails and no finite-difference stencil straddles ±bound.
+/// The shared inputs, quantised. For splines they keep at least 0.1 (less the quantisation
+/// step) from ±bound, so that no finite-difference stencil straddles ±bound.
 fn random_input(spec: &CouplingSpec, rows: usize, seed: u64) -> Tensor {
-    let mut rng = Rng::new(seed);
-    let mut x = Tensor::randn(rows, spec.dim, &mut rng).map(|v| 1.5 * v);
-    if let CouplingKind::Spline { bound, .. } = spec.kind {
-        for i in 0..rows {
-            for c in spec.transformed_cols() {
-                let v = x.get(i, c);
-                let v = if (i + c) % 3 == 0 {
-                    v.signum() * (bound + 0.1 + v.abs())
-                } else {
-                    (bound - 0.1) * v / (1.0 + v.abs())
-                };
-                x.set(i, c, v);
-            }
-        }
-    }
-    quantise(&x)
+    quantise(&common::coupling::random_input(spec, rows, seed))
 }
 
 /// For splines, the test must see both the spline and its identity tails.
@@ -119,38 +85,6 @@ fn assert_spline_coverage(spec: &CouplingSpec, x: &Tensor) {
         "{spec:?}: {outside} of {} inputs outside ±{bound}",
         vals.len()
     );
-}
-
-/// Collects comparison failures so that one run reports every failing configuration.
-#[derive(Default)]
-struct Failures(Vec<String>);
-
-impl Failures {
-    fn check(&mut self, what: &str, got: &Tensor, want: &Tensor, atol: f32, rtol: f32) {
-        // FLOWFUSE_TEST_MARGINS=1 prints how much of the tolerance each check uses.
-        if std::env::var_os("FLOWFUSE_TEST_MARGINS").is_some() {
-            let worst = got
-                .data()
-                .iter()
-                .zip(want.data())
-                .map(|(g, w)| (g - w).abs() / (atol + rtol * w.abs()))
-                .fold(0.0f32, f32::max);
-            eprintln!("margin {worst:8.3} of tolerance: {what}");
-        }
-        if let Err(msg) = compare(what, got, want, atol, rtol) {
-            self.0.push(msg);
-        }
-    }
-
-    #[track_caller]
-    fn assert_none(self) {
-        assert!(
-            self.0.is_empty(),
-            "{} failures:\n{}",
-            self.0.len(),
-            self.0.join("\n")
-        );
-    }
 }
 
 fn run<B: Backend>(

@@ -14,7 +14,7 @@ use flowfuse::ops::optim::AdamHyper;
 use flowfuse::testing::{assert_close, fd_jacobian, log_abs_det};
 use flowfuse::train::data::{Standardizer, moons, train_test_split};
 use flowfuse::train::model::{load_flow, save_flow};
-use flowfuse::train::trainer::{TrainConfig, dataset_nll, train};
+use flowfuse::train::trainer::{dataset_nll, train};
 use flowfuse::{Error, Rng, Shaped, Tensor};
 
 const FAMILIES: [Family; 5] = [
@@ -227,17 +227,7 @@ fn train_moons(family: Family, steps: usize) -> f64 {
     ))
     .unwrap();
     flow.init_from_data(&b, &tr.slice_rows(0, 2048)).unwrap();
-    let cfg = TrainConfig {
-        steps,
-        batch: 256,
-        adam: AdamHyper {
-            lr: 2e-3,
-            ..AdamHyper::default()
-        },
-        eval_every: steps,
-        progress: false,
-        ..TrainConfig::default()
-    };
+    let cfg = common::train::quiet_training(steps, 256, 2e-3);
     let report = train(&mut flow, &b, &tr, &te, &cfg, None).unwrap();
     assert!((report.test_nll - dataset_nll(&flow, &b, &te, 4096).unwrap()).abs() < 1e-9);
 
@@ -293,13 +283,7 @@ fn check_training_matches_cpu<B: Backend>(b: &B) {
         let mut rng = Rng::new(5);
         let data = moons(600, &mut rng);
         let (tr, te) = train_test_split(&data, 0.25, &mut rng).unwrap();
-        let cfg = TrainConfig {
-            steps: 15,
-            batch: 96,
-            eval_every: 15,
-            progress: false,
-            ..TrainConfig::default()
-        };
+        let cfg = common::train::quiet_training(15, 96, AdamHyper::default().lr);
         let r_cpu = train(&mut on_cpu, &Cpu, &tr, &te, &cfg, None).unwrap();
         let r_b = train(&mut on_b, b, &tr, &te, &cfg, None).unwrap();
         assert!(

@@ -231,27 +231,18 @@ fn exponential_decay_per_row_rates() {
     assert!(sol.stats.nfe[3] > sol.stats.nfe[0], "{:?}", sol.stats.nfe);
 }
 
-fn oscillator(omega: f64) -> impl Fn(&[f64], &mut [f64]) {
-    move |y: &[f64], dy: &mut [f64]| {
+/// The right-hand side of the oscillator y'' = −ω² y as (y, y'), for `solve_ivp`.
+fn oscillator(omega: f64) -> impl Fn(f64, &[f64], &mut [f64]) -> flowfuse::Result<()> {
+    move |_t: f64, y: &[f64], dy: &mut [f64]| {
         dy[0] = y[1];
         dy[1] = -omega * omega * y[0];
+        Ok(())
     }
 }
 
 #[test]
 fn harmonic_oscillator_keeps_its_energy() {
-    let f = oscillator(1.0);
-    let sol = solve_ivp(
-        |_t, y, dy| {
-            f(y, dy);
-            Ok(())
-        },
-        0.0,
-        20.0,
-        &[1.0, 0.0],
-        &tight(1e-10),
-    )
-    .unwrap();
+    let sol = solve_ivp(oscillator(1.0), 0.0, 20.0, &[1.0, 0.0], &tight(1e-10)).unwrap();
     let energy = 0.5 * (sol.y[0] * sol.y[0] + sol.y[1] * sol.y[1]);
     assert!((energy - 0.5).abs() < 1e-8, "energy {energy}");
     assert!((sol.y[0] - 20f64.cos()).abs() < 1e-8);
@@ -302,12 +293,8 @@ fn dense_output_tracks_the_solution_between_steps() {
     // Few, long steps (loose tolerance) so that most output points fall strictly inside steps.
     for tol in [1e-4, 1e-6, 1e-8] {
         let t_eval: Vec<f64> = (0..=200).map(|k| k as f64 * 0.05).collect();
-        let f = oscillator(1.0);
         let sol = solve_ivp(
-            |_t, y, dy| {
-                f(y, dy);
-                Ok(())
-            },
+            oscillator(1.0),
             0.0,
             10.0,
             &[1.0, 0.0],
@@ -801,12 +788,8 @@ fn nan_from_the_vector_field_is_a_typed_error() {
 
 #[test]
 fn exhausting_the_step_budget_is_a_typed_error() {
-    let f = oscillator(100.0);
     let err = solve_ivp(
-        |_t, y, dy| {
-            f(y, dy);
-            Ok(())
-        },
+        oscillator(100.0),
         0.0,
         100.0,
         &[1.0, 0.0],
@@ -993,12 +976,8 @@ fn bad_input_is_rejected_before_any_work() {
 
 #[test]
 fn given_first_step_saves_the_probe_evaluation() {
-    let f = oscillator(1.0);
     let sol = solve_ivp(
-        |_t, y, dy| {
-            f(y, dy);
-            Ok(())
-        },
+        oscillator(1.0),
         0.0,
         1.0,
         &[1.0, 0.0],

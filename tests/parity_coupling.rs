@@ -15,24 +15,13 @@ use flowfuse::backend::grid::Precision;
 use flowfuse::backend::{Cpu, Device};
 use flowfuse::nn::mlp::{Activation, Mlp};
 use flowfuse::ops::coupling::{CouplingKind, CouplingOps, CouplingSpec, Half};
-use flowfuse::testing::compare_with_slack;
 use flowfuse::{Direction, Error, Rng, Shaped, Tensor};
+
+use common::coupling::{SPLINE_BOUND, kinds, random_input, random_net};
+use common::failures::Failures;
 
 const HALVES: [Half; 2] = [Half::Lower, Half::Upper];
 const DIRS: [Direction; 2] = [Direction::Forward, Direction::Inverse];
-const BOUND: f32 = 2.0;
-
-fn kinds() -> [CouplingKind; 3] {
-    [
-        CouplingKind::Affine { clamp: 2.0 },
-        CouplingKind::Additive,
-        CouplingKind::Spline {
-            bins: 5,
-            bound: BOUND,
-        },
-    ]
-}
-
 /// Hidden widths with known kernel plans (f32; pinned by the planner's unit tests in
 /// src/ops/coupling/cuda.rs):
 /// - `SMALL`: weights resident in shared memory, 64-row tiles, forward and backward;
@@ -47,91 +36,6 @@ impl Widths {
     const STREAMED: &'static [usize] = &[200, 160];
     const DEEP: &'static [usize] = &[256, 256, 256];
     const WIDE: &'static [usize] = &[512, 400];
-}
-
-/// A conditioner far from the identity: random weights, the output layer scaled up so that
-/// affine scales reach e^±1 and spline bins are clearly uneven.
-fn random_net(spec: &CouplingSpec, hidden: &[usize], act: Activation, seed: u64) -> Mlp<Tensor> {
-    let mut rng = Rng::new(seed);
-    let mut widths = vec![spec.net_in()];
-    widths.extend_from_slice(hidden);
-    widths.push(spec.net_out());
-    let mut net = Mlp::new(&widths, act, &mut rng).unwrap();
-    let gain = match spec.kind {
-        CouplingKind::Spline { .. } => 2.0,
-        _ => 3.0,
-    };
-    let last = net.layers.last_mut().unwrap();
-    last.w = last.w.map(|v| gain * v);
-    last.b = last.b.map(|v| gain * v);
-    net
-}
-
-/// Inputs of scale 1.5; for splines every third transformed value lies outside ±bound (the
-/// identity tails) and the others inside.
-fn random_input(spec: &CouplingSpec, rows: usize, seed: u64) -> Tensor {
-    let mut rng = Rng::new(seed);
-    let mut x = Tensor::randn(rows, spec.dim, &mut rng).map(|v| 1.5 * v);
-    if let CouplingKind::Spline { bound, .. } = spec.kind {
-        for i in 0..rows {
-            for c in spec.transformed_cols() {
-                let v = x.get(i, c);
-                let v = if (i + c) % 3 == 0 {
-                    v.signum() * (bound + 0.1 + v.abs())
-                } else {
-                    (bound - 0.1) * v / (1.0 + v.abs())
-                };
-                x.set(i, c, v);
-            }
-        }
-    }
-    x
-}
-
-/// Collects comparison failures so that one run reports every failing configuration.
-#[derive(Default)]
-struct Failures(Vec<String>);
-
-impl Failures {
-    fn check(&mut self, what: &str, got: &Tensor, want: &Tensor, atol: f32, rtol: f32) {
-        let none = Tensor::zeros(want.rows(), want.cols());
-        self.check_slack(what, got, want, atol, rtol, &none);
-    }
-
-    /// As `check`, plus a per-element allowance for ill-conditioned reference values.
-    fn check_slack(
-        &mut self,
-        what: &str,
-        got: &Tensor,
-        want: &Tensor,
-        atol: f32,
-        rtol: f32,
-        slack: &Tensor,
-    ) {
-        // FLOWFUSE_TEST_MARGINS=1 prints how much of the tolerance each check uses.
-        if std::env::var_os("FLOWFUSE_TEST_MARGINS").is_some() {
-            let worst = got
-                .data()
-                .iter()
-                .zip(want.data())
-                .map(|(g, w)| (g - w).abs() / (atol + rtol * w.abs()))
-                .fold(0.0f32, f32::max);
-            eprintln!("margin {worst:8.3} of tolerance: {what}");
-        }
-        if let Err(msg) = compare_with_slack(what, got, want, atol, rtol, slack) {
-            self.0.push(msg);
-        }
-    }
-
-    #[track_caller]
-    fn assert_none(self) {
-        assert!(
-            self.0.is_empty(),
-            "{} failures:\n{}",
-            self.0.len(),
-            self.0.join("\n")
-        );
-    }
 }
 
 /// How many times the reference's own sensitivity a kernel value may deviate by.
@@ -337,7 +241,7 @@ fn check_streamed<B: CouplingOps>(b: &B) {
             Widths::STREAMED,
             CouplingKind::Spline {
                 bins: 4,
-                bound: BOUND,
+                bound: SPLINE_BOUND,
             },
             6,
             37,
@@ -477,7 +381,7 @@ fn check_errors<B: CouplingOps>(b: &B) {
         copied: Half::Upper,
         kind: CouplingKind::Spline {
             bins: 4,
-            bound: BOUND,
+            bound: SPLINE_BOUND,
         },
     };
     let net = random_net(&spec, &[12], Activation::Tanh, 700);
@@ -617,34 +521,6 @@ on_grid_backends!(errors, super::check_errors);
 // ---------------------------------------------------------------------------------------------
 // bf16 tensor cores.
 
-/// `on_grid_backends!` with the grid backends switched to bf16 matrix products.
-macro_rules! on_grid_backends_bf16 {
-    ($name:ident, $body:path) => {
-        mod $name {
-            use flowfuse::backend::emu::{Emu, ThreadOrder};
-            use flowfuse::backend::grid::Precision;
-            #[test]
-            fn emu_forward() {
-                $body(&Emu::emulated(ThreadOrder::Forward).with_precision(Precision::Bf16));
-            }
-            #[test]
-            fn emu_reverse() {
-                $body(&Emu::emulated(ThreadOrder::Reverse).with_precision(Precision::Bf16));
-            }
-            #[test]
-            fn emu_shuffled() {
-                $body(&Emu::emulated(ThreadOrder::Shuffle(0x5eed)).with_precision(Precision::Bf16));
-            }
-            #[test]
-            fn cuda() {
-                if let Some(b) = crate::common::cuda_or_skip(concat!(module_path!(), "::cuda")) {
-                    $body(&b.with_precision(Precision::Bf16));
-                }
-            }
-        }
-    };
-}
-
 /// bf16 tolerance. bf16 keeps 8 significant bits: every operand of every product is rounded with
 /// relative error up to 2^-9 ≈ 2e-3, and the activations are rounded again between layers, so a
 /// hidden-64 conditioner's outputs (O(1), sums of 64 products) carry errors of a few 1e-3; the
@@ -697,7 +573,7 @@ fn check_bf16_close(
         eprintln!("margin {margin:8.3} of tolerance: {what}");
     }
     if !bad.is_empty() {
-        fails.0.push(format!("{what}:\n{}", bad.join("\n")));
+        fails.push(format!("{what}:\n{}", bad.join("\n")));
     }
 }
 
@@ -715,7 +591,7 @@ fn check_bf16<B: CouplingOps>(b: &B) {
             &[64],
             CouplingKind::Spline {
                 bins: 6,
-                bound: BOUND,
+                bound: SPLINE_BOUND,
             },
             6,
         ),

@@ -39,34 +39,6 @@ const BF16_OP_TOL: f32 = 5e-2;
 /// bf16 unit roundoff.
 const BF16_U: f64 = 1.0 / 256.0;
 
-/// Like `on_grid_backends!`, with the backends switched to bf16 tensor-core matmuls.
-macro_rules! on_grid_backends_bf16 {
-    ($name:ident, $body:path) => {
-        mod $name {
-            use flowfuse::backend::emu::{Emu, ThreadOrder};
-            use flowfuse::backend::grid::Precision;
-            #[test]
-            fn emu_forward() {
-                $body(&Emu::emulated(ThreadOrder::Forward).with_precision(Precision::Bf16));
-            }
-            #[test]
-            fn emu_reverse() {
-                $body(&Emu::emulated(ThreadOrder::Reverse).with_precision(Precision::Bf16));
-            }
-            #[test]
-            fn emu_shuffled() {
-                $body(&Emu::emulated(ThreadOrder::Shuffle(0x5eed)).with_precision(Precision::Bf16));
-            }
-            #[test]
-            fn cuda() {
-                if let Some(b) = $crate::common::cuda_or_skip(concat!(module_path!(), "::cuda")) {
-                    $body(&b.with_precision(Precision::Bf16));
-                }
-            }
-        }
-    };
-}
-
 // ---------------------------------------------------------------------------------------------
 // Host references.
 

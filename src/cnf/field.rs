@@ -6,9 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::nn::mlp::{Activation, Mlp};
+use crate::nn::mlp::{Activation, Mlp, Widths, tensor_names};
 use crate::rng::Rng;
-use crate::tensor::{Shaped, Tensor};
+use crate::tensor::Tensor;
 
 /// Everything about a vector field but its weights.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,9 +82,7 @@ impl<B: Backend> VectorField<B> {
     }
 
     fn upload(b: &B, config: FieldConfig, net: &Mlp<Tensor>) -> Result<Self> {
-        for (name, t) in net.tensor_names().iter().zip(net.tensors()) {
-            t.check_finite(&format!("vector field tensor {name}"))?;
-        }
+        net.check_finite("vector field")?;
         Ok(VectorField {
             config,
             net: net.try_map(|t| b.upload(t))?,
@@ -94,9 +92,7 @@ impl<B: Backend> VectorField<B> {
     pub fn from_state(b: &B, state: &FieldState) -> Result<Self> {
         state.config.check()?;
         let widths = state.config.widths();
-        let names: Vec<String> = (0..widths.len() - 1)
-            .flat_map(|i| [format!("w{i}"), format!("b{i}")])
-            .collect();
+        let names = tensor_names(widths.len() - 1);
         if state.tensors.len() != names.len() {
             return Err(Error::invalid(format!(
                 "vector field state: expected {} tensors, found {}",
@@ -104,34 +100,30 @@ impl<B: Backend> VectorField<B> {
                 state.tensors.len()
             )));
         }
-        let mut tensors = Vec::with_capacity(names.len());
-        for (i, name) in names.iter().enumerate() {
-            let (_, t) = state
-                .tensors
-                .iter()
-                .find(|(n, _)| n == name)
-                .ok_or_else(|| Error::invalid(format!("vector field state: missing '{name}'")))?;
-            let (rows, cols) = if i % 2 == 0 {
-                (widths[i / 2], widths[i / 2 + 1])
-            } else {
-                (1, widths[i / 2 + 1])
-            };
-            t.expect_shape("VectorField::from_state", rows, cols)?;
-            tensors.push(t.clone());
-        }
-        let net = Mlp::from_tensors(state.config.act, tensors)?;
+        // The state's tensors may come in any order; put them in w0, b0, ... order.
+        let ordered = names
+            .iter()
+            .map(|name| {
+                state
+                    .tensors
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .cloned()
+                    .ok_or_else(|| Error::invalid(format!("vector field state: missing '{name}'")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let net = Mlp::from_named(
+            "VectorField::from_state",
+            state.config.act,
+            &ordered,
+            Widths::Exact(&widths),
+        )?;
         Self::upload(b, state.config.clone(), &net)
     }
 
     /// The config and the tensors, downloaded.
     pub fn state(&self, b: &B) -> Result<FieldState> {
-        let tensors = self
-            .net
-            .tensor_names()
-            .into_iter()
-            .zip(self.net.tensors())
-            .map(|(n, t)| Ok((n, b.download(t)?)))
-            .collect::<Result<Vec<_>>>()?;
+        let tensors = self.net.named_tensors(|t| b.download(t))?;
         Ok(FieldState {
             config: self.config.clone(),
             tensors,

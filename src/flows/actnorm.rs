@@ -80,6 +80,26 @@ impl<B: Backend> ActNorm<B> {
     pub fn is_trainable(&self) -> bool {
         self.trainable
     }
+
+    /// Backward of the map in direction `dir` at `input`; the parameter gradients in
+    /// `params()` order (none for the fixed layer).
+    fn backward(
+        &self,
+        b: &B,
+        input: &B::Mat,
+        dir: Direction,
+        d_out: &B::Mat,
+        d_logdet: &B::Mat,
+    ) -> Result<(B::Mat, Vec<B::Mat>)> {
+        let (d_in, dloc, dls) =
+            b.scale_shift_backward(input, &self.loc, &self.log_scale, dir, d_out, d_logdet)?;
+        let grads = if self.trainable {
+            vec![dloc, dls]
+        } else {
+            vec![]
+        };
+        Ok((d_in, grads))
+    }
 }
 
 impl<B: Backend> FlowLayer<B> for ActNorm<B> {
@@ -102,22 +122,7 @@ impl<B: Backend> FlowLayer<B> for ActNorm<B> {
         d_z: &B::Mat,
         d_logdet: &B::Mat,
     ) -> Result<(B::Mat, Vec<B::Mat>)> {
-        let (dx, dloc, dls) = b.scale_shift_backward(
-            x,
-            &self.loc,
-            &self.log_scale,
-            Direction::Inverse,
-            d_z,
-            d_logdet,
-        )?;
-        Ok((
-            dx,
-            if self.trainable {
-                vec![dloc, dls]
-            } else {
-                vec![]
-            },
-        ))
+        self.backward(b, x, Direction::Inverse, d_z, d_logdet)
     }
 
     fn forward_backward(
@@ -127,22 +132,7 @@ impl<B: Backend> FlowLayer<B> for ActNorm<B> {
         d_x: &B::Mat,
         d_logdet: &B::Mat,
     ) -> Result<(B::Mat, Vec<B::Mat>)> {
-        let (dz, dloc, dls) = b.scale_shift_backward(
-            z,
-            &self.loc,
-            &self.log_scale,
-            Direction::Forward,
-            d_x,
-            d_logdet,
-        )?;
-        Ok((
-            dz,
-            if self.trainable {
-                vec![dloc, dls]
-            } else {
-                vec![]
-            },
-        ))
+        self.backward(b, z, Direction::Forward, d_x, d_logdet)
     }
 
     fn params(&self) -> Vec<&B::Mat> {

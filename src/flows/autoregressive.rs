@@ -16,7 +16,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::flows::layer::{ArKind, FlowLayer, LayerConfig, LayerState};
 use crate::nn::made::{Order, layer_mask, made};
-use crate::nn::mlp::{Activation, Mlp};
+use crate::nn::mlp::{Activation, Mlp, Widths};
 use crate::ops::Direction;
 use crate::ops::made::MadeSpec;
 use crate::rng::Rng;
@@ -76,9 +76,7 @@ impl<B: Backend> AutoregressiveLayer<B> {
     /// A layer from a spec and host weights (checked against each other), uploaded to `b`.
     pub fn from_host(b: &B, kind: ArKind, spec: MadeSpec, net: &Mlp<Tensor>) -> Result<Self> {
         spec.check("AutoregressiveLayer", net, &Tensor::zeros(0, spec.dim))?;
-        for (name, t) in net.tensor_names().iter().zip(net.tensors()) {
-            t.check_finite(&format!("autoregressive layer tensor '{name}'"))?;
-        }
+        net.check_finite("autoregressive layer")?;
         let degrees = spec
             .degrees
             .iter()
@@ -107,37 +105,13 @@ impl<B: Backend> AutoregressiveLayer<B> {
                 "autoregressive layer state: the spec needs at least input and output degrees",
             ));
         }
-        if state.tensors.len() != 2 * layers {
-            return Err(Error::invalid(format!(
-                "autoregressive layer state: expected {} tensors (w0, b0, ...), got {}",
-                2 * layers,
-                state.tensors.len()
-            )));
-        }
-        let mut host = Vec::with_capacity(2 * layers);
-        for (i, (name, t)) in state.tensors.iter().enumerate() {
-            let l = i / 2;
-            let (rows, cols) = (spec.degrees[l].len(), spec.degrees[l + 1].len());
-            let (want, rows) = if i % 2 == 0 {
-                (format!("w{l}"), rows)
-            } else {
-                (format!("b{l}"), 1)
-            };
-            if *name != want {
-                return Err(Error::invalid(format!(
-                    "autoregressive layer state: tensor {i} should be '{want}', found '{name}'"
-                )));
-            }
-            if t.shape() != (rows, cols) {
-                return Err(Error::shape(
-                    "autoregressive layer state",
-                    format!("{want}: {rows}x{cols}"),
-                    format!("{want}: {}x{}", t.rows(), t.cols()),
-                ));
-            }
-            host.push(t.clone());
-        }
-        let net = Mlp::from_tensors(*act, host)?;
+        let widths: Vec<usize> = spec.degrees.iter().map(Vec::len).collect();
+        let net = Mlp::from_named(
+            "autoregressive layer state",
+            *act,
+            &state.tensors,
+            Widths::Exact(&widths),
+        )?;
         Self::from_host(b, *kind, spec.clone(), &net)
     }
 
@@ -166,7 +140,8 @@ impl<B: Backend> AutoregressiveLayer<B> {
             d_out,
             d_logdet,
         )?;
-        Ok((d_in, flatten(grads)))
+        // Same order as `params()`: w0, b0, w1, b1, ...
+        Ok((d_in, grads.into_tensors()))
     }
 
     /// The diagonal of the Jacobian of `ar_parallel(dir)` at `y`, per element: e^s forward,
@@ -244,11 +219,6 @@ impl<B: Backend> AutoregressiveLayer<B> {
     }
 }
 
-/// Gradients in `params()` order: w0, b0, w1, b1, ...
-fn flatten<M>(net: Mlp<M>) -> Vec<M> {
-    net.layers.into_iter().flat_map(|l| [l.w, l.b]).collect()
-}
-
 impl<B: Backend> FlowLayer<B> for AutoregressiveLayer<B> {
     fn dim(&self) -> usize {
         self.spec.dim
@@ -303,13 +273,7 @@ impl<B: Backend> FlowLayer<B> for AutoregressiveLayer<B> {
     }
 
     fn state(&self, b: &B) -> Result<LayerState> {
-        let tensors = self
-            .net
-            .tensor_names()
-            .into_iter()
-            .zip(self.net.tensors())
-            .map(|(name, t)| Ok((name, b.download(t)?)))
-            .collect::<Result<Vec<_>>>()?;
+        let tensors = self.net.named_tensors(|t| b.download(t))?;
         Ok(LayerState {
             config: LayerConfig::Autoregressive {
                 kind: self.kind,

@@ -5,11 +5,11 @@
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::flows::layer::{FlowLayer, LayerConfig, LayerState};
-use crate::nn::mlp::{Activation, Mlp};
+use crate::nn::mlp::{Activation, Mlp, Widths};
 use crate::ops::Direction;
 use crate::ops::coupling::CouplingSpec;
 use crate::rng::Rng;
-use crate::tensor::{Shaped, Tensor};
+use crate::tensor::Tensor;
 
 /// A coupling layer on backend `B`: `spec` says which half is copied and which coupling function
 /// transforms the other; `net` is the conditioner, `spec.net_in()` -> `spec.net_out()`.
@@ -70,51 +70,13 @@ impl<B: Backend> CouplingLayer<B> {
             )));
         };
         spec.check_spec("coupling layer state")?;
-        let n = state.tensors.len();
-        if n == 0 || !n.is_multiple_of(2) {
-            return Err(Error::invalid(format!(
-                "coupling layer state: expected an even, non-zero number of tensors (w0, b0, ...), got {n}"
-            )));
-        }
-        let mut width = spec.net_in();
-        let mut host = Vec::with_capacity(n);
-        for (i, (name, t)) in state.tensors.iter().enumerate() {
-            let layer = i / 2;
-            let is_weight = i % 2 == 0;
-            let want = if is_weight {
-                format!("w{layer}")
-            } else {
-                format!("b{layer}")
-            };
-            if *name != want {
-                return Err(Error::invalid(format!(
-                    "coupling layer state: tensor {i} should be '{want}', found '{name}'"
-                )));
-            }
-            if is_weight {
-                // Any output width, but the input must match the previous layer.
-                if t.rows() != width || t.cols() == 0 {
-                    return Err(Error::shape(
-                        "coupling layer state",
-                        format!("{want}: {width}x(positive)"),
-                        format!("{want}: {}x{}", t.rows(), t.cols()),
-                    ));
-                }
-                width = t.cols();
-            } else {
-                t.expect_shape("coupling layer state", 1, width)
-                    .map_err(|_| {
-                        Error::shape(
-                            "coupling layer state",
-                            format!("{want}: 1x{width}"),
-                            format!("{want}: {}x{}", t.rows(), t.cols()),
-                        )
-                    })?;
-            }
-            t.check_finite(&format!("coupling layer state tensor '{name}'"))?;
-            host.push(t.clone());
-        }
-        let host = Mlp::from_tensors(act, host)?;
+        let host = Mlp::from_named(
+            "coupling layer state",
+            act,
+            &state.tensors,
+            Widths::Input(spec.net_in()),
+        )?;
+        host.check_finite("coupling layer state")?;
         spec.check("coupling layer state", &host, &Tensor::zeros(0, spec.dim))?;
         Ok(CouplingLayer {
             spec,
@@ -137,8 +99,7 @@ impl<B: Backend> CouplingLayer<B> {
         let (d_in, grads) =
             b.coupling_backward(&self.spec, &self.net, input, dir, d_out, d_logdet)?;
         // Same order as `params()`: w0, b0, w1, b1, ...
-        let grads = grads.layers.into_iter().flat_map(|l| [l.w, l.b]).collect();
-        Ok((d_in, grads))
+        Ok((d_in, grads.into_tensors()))
     }
 }
 
@@ -184,13 +145,7 @@ impl<B: Backend> FlowLayer<B> for CouplingLayer<B> {
     }
 
     fn state(&self, b: &B) -> Result<LayerState> {
-        let tensors = self
-            .net
-            .tensor_names()
-            .into_iter()
-            .zip(self.net.tensors())
-            .map(|(name, t)| Ok((name, b.download(t)?)))
-            .collect::<Result<Vec<_>>>()?;
+        let tensors = self.net.named_tensors(|t| b.download(t))?;
         Ok(LayerState {
             config: LayerConfig::Coupling {
                 spec: self.spec,

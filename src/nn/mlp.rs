@@ -196,6 +196,11 @@ impl<M> Mlp<M> {
         self.layers.iter().flat_map(|l| [&l.w, &l.b]).collect()
     }
 
+    /// The parameters by value, in `tensors()` order (e.g. gradients handed to an optimiser).
+    pub fn into_tensors(self) -> Vec<M> {
+        self.layers.into_iter().flat_map(|l| [l.w, l.b]).collect()
+    }
+
     pub fn tensors_mut(&mut self) -> Vec<&mut M> {
         self.layers
             .iter_mut()
@@ -205,8 +210,16 @@ impl<M> Mlp<M> {
 
     /// Names matching `tensors()`: "w0", "b0", ...
     pub fn tensor_names(&self) -> Vec<String> {
-        (0..self.layers.len())
-            .flat_map(|i| [format!("w{i}"), format!("b{i}")])
+        tensor_names(self.layers.len())
+    }
+
+    /// `tensors()` with their names, each converted by `f` (e.g. downloaded from a device):
+    /// the tensor list of a layer or field state.
+    pub fn named_tensors<N>(&self, mut f: impl FnMut(&M) -> Result<N>) -> Result<Vec<(String, N)>> {
+        self.tensor_names()
+            .into_iter()
+            .zip(self.tensors())
+            .map(|(name, t)| Ok((name, f(t)?)))
             .collect()
     }
 
@@ -245,7 +258,96 @@ impl<M> Mlp<M> {
     }
 }
 
+/// The names of the tensors of an MLP with `layers` layers: "w0", "b0", "w1", "b1", ...
+pub fn tensor_names(layers: usize) -> Vec<String> {
+    (0..layers)
+        .flat_map(|i| [format!("w{i}"), format!("b{i}")])
+        .collect()
+}
+
+/// The widths a list of named tensors must have to rebuild an MLP ([`Mlp::from_named`]).
+#[derive(Clone, Copy, Debug)]
+pub enum Widths<'a> {
+    /// Exactly these widths, input to output (at least two).
+    Exact(&'a [usize]),
+    /// This input width; every later width is read from its weight and may be any positive
+    /// number (the caller checks the output against its own spec).
+    Input(usize),
+}
+
 impl Mlp<Tensor> {
+    /// Rebuilds a network from tensors named w0, b0, w1, b1, ... in exactly that order (a layer
+    /// or field state, a checkpoint), checking their count, names and shapes; `what` names the
+    /// source in the errors. Values are not checked (see [`Mlp::check_finite`]).
+    pub fn from_named(
+        what: &'static str,
+        act: Activation,
+        tensors: &[(String, Tensor)],
+        widths: Widths,
+    ) -> Result<Self> {
+        let n = tensors.len();
+        let mut width = match widths {
+            Widths::Exact(w) => {
+                if w.len() < 2 || n != 2 * (w.len() - 1) {
+                    return Err(Error::invalid(format!(
+                        "{what}: expected {} tensors (w0, b0, ...), got {n}",
+                        2 * w.len().saturating_sub(1)
+                    )));
+                }
+                w[0]
+            }
+            Widths::Input(w) => {
+                if n == 0 || !n.is_multiple_of(2) {
+                    return Err(Error::invalid(format!(
+                        "{what}: expected an even, non-zero number of tensors (w0, b0, ...), got {n}"
+                    )));
+                }
+                w
+            }
+        };
+        let names = tensor_names(n / 2);
+        let mut host = Vec::with_capacity(n);
+        for (i, ((name, t), want)) in tensors.iter().zip(&names).enumerate() {
+            if name != want {
+                return Err(Error::invalid(format!(
+                    "{what}: tensor {i} should be '{want}', found '{name}'"
+                )));
+            }
+            let shape_error = |expected: String| {
+                Error::shape(
+                    what,
+                    format!("{want}: {expected}"),
+                    format!("{want}: {}x{}", t.rows(), t.cols()),
+                )
+            };
+            if i % 2 == 0 {
+                // The input must match the previous layer; the output is given or free.
+                let cols = match widths {
+                    Widths::Exact(w) => Some(w[i / 2 + 1]),
+                    Widths::Input(_) => None,
+                };
+                if t.rows() != width || !cols.map_or(t.cols() > 0, |c| t.cols() == c) {
+                    let cols = cols.map_or("(positive)".to_string(), |c| c.to_string());
+                    return Err(shape_error(format!("{width}x{cols}")));
+                }
+                width = t.cols();
+            } else if t.shape() != (1, width) {
+                return Err(shape_error(format!("1x{width}")));
+            }
+            host.push(t.clone());
+        }
+        Mlp::from_tensors(act, host)
+    }
+
+    /// Fails with [`Error::NonFinite`] naming the first tensor (as "`what` tensor 'w0'") that
+    /// holds a NaN or an infinity.
+    pub fn check_finite(&self, what: &str) -> Result<()> {
+        for (name, t) in self.tensor_names().iter().zip(self.tensors()) {
+            t.check_finite(&format!("{what} tensor '{name}'"))?;
+        }
+        Ok(())
+    }
+
     /// Uniform(-1/sqrt(in), 1/sqrt(in)) weights and biases, like PyTorch's default `nn.Linear`.
     pub fn new(widths: &[usize], act: Activation, rng: &mut Rng) -> Result<Self> {
         if widths.len() < 2 || widths.contains(&0) {

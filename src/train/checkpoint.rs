@@ -243,6 +243,21 @@ fn usize_list(value: Option<&Value>) -> Option<Vec<usize>> {
         .collect()
 }
 
+/// What a matrix file (CSV, .npy) needs before it is written: at least one value, and finite
+/// values only (a non-finite one could not be read back).
+pub(crate) fn check_matrix_to_save(path: &Path, t: &Tensor) -> Result<()> {
+    if t.is_empty() {
+        return Err(Error::Empty(format!(
+            "refusing to write a {}x{} matrix to {}",
+            t.rows(),
+            t.cols(),
+            path.display()
+        )));
+    }
+    t.check_finite(&format!("matrix written to {}", path.display()))?;
+    Ok(())
+}
+
 /// Distinguishes temp files of concurrent writers within one process.
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 

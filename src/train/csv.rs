@@ -8,7 +8,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::tensor::{Shaped, Tensor};
-use crate::train::checkpoint::write_atomic;
+use crate::train::checkpoint::{check_matrix_to_save, write_atomic};
 
 /// Reads a matrix of numbers from a CSV file.
 ///
@@ -106,15 +106,7 @@ fn parse_cell(cell: &str) -> Option<f32> {
 /// Errors: an empty matrix → [`Error::Empty`]; a non-finite value → [`Error::NonFinite`];
 /// file-system failures → [`Error::Io`].
 pub fn save_csv(path: &Path, t: &Tensor) -> Result<()> {
-    if t.is_empty() {
-        return Err(Error::Empty(format!(
-            "refusing to write a {}x{} matrix to {}",
-            t.rows(),
-            t.cols(),
-            path.display()
-        )));
-    }
-    t.check_finite(&format!("matrix written to {}", path.display()))?;
+    check_matrix_to_save(path, t)?;
     let mut out = String::with_capacity(t.len() * 12);
     for i in 0..t.rows() {
         for (j, v) in t.row(i).iter().enumerate() {

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::tensor::{Shaped, Tensor};
-use crate::train::checkpoint::write_atomic;
+use crate::train::checkpoint::{check_matrix_to_save, write_atomic};
 
 const MAGIC: &[u8; 6] = b"\x93NUMPY";
 /// NumPy pads magic + version + length + header to a multiple of this.
@@ -90,15 +90,7 @@ pub fn read_npy(path: &Path) -> Result<Tensor> {
 /// Errors: an empty matrix → [`Error::Empty`]; a non-finite value → [`Error::NonFinite`] (such
 /// a file could not be read back); file-system failures → [`Error::Io`].
 pub fn save_npy(path: &Path, t: &Tensor) -> Result<()> {
-    if t.is_empty() {
-        return Err(Error::Empty(format!(
-            "refusing to write a {}x{} matrix to {}",
-            t.rows(),
-            t.cols(),
-            path.display()
-        )));
-    }
-    t.check_finite(&format!("matrix written to {}", path.display()))?;
+    check_matrix_to_save(path, t)?;
     let mut header = format!(
         "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {}), }}",
         t.rows(),

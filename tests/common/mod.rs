@@ -6,6 +6,10 @@
 
 use flowfuse::backend::cuda::{Cuda, availability};
 
+pub mod coupling;
+pub mod failures;
+pub mod train;
+
 /// The CUDA backend, or None (with the reason printed) when this machine cannot run it.
 pub fn cuda_or_skip(test: &str) -> Option<Cuda> {
     let required = std::env::var("FLOWFUSE_REQUIRE_GPU").is_ok_and(|v| v == "1");
@@ -52,6 +56,35 @@ macro_rules! on_grid_backends {
             fn cuda() {
                 if let Some(b) = $crate::common::cuda_or_skip(concat!(module_path!(), "::cuda")) {
                     $body(&b);
+                }
+            }
+        }
+    };
+}
+
+/// `on_grid_backends!` with the grid backends switched to bf16 tensor-core matrix products.
+#[macro_export]
+macro_rules! on_grid_backends_bf16 {
+    ($name:ident, $body:path) => {
+        mod $name {
+            use flowfuse::backend::emu::{Emu, ThreadOrder};
+            use flowfuse::backend::grid::Precision;
+            #[test]
+            fn emu_forward() {
+                $body(&Emu::emulated(ThreadOrder::Forward).with_precision(Precision::Bf16));
+            }
+            #[test]
+            fn emu_reverse() {
+                $body(&Emu::emulated(ThreadOrder::Reverse).with_precision(Precision::Bf16));
+            }
+            #[test]
+            fn emu_shuffled() {
+                $body(&Emu::emulated(ThreadOrder::Shuffle(0x5eed)).with_precision(Precision::Bf16));
+            }
+            #[test]
+            fn cuda() {
+                if let Some(b) = $crate::common::cuda_or_skip(concat!(module_path!(), "::cuda")) {
+                    $body(&b.with_precision(Precision::Bf16));
                 }
             }
         }
