@@ -4,7 +4,7 @@
 //!   rtol = atol = 1e-5, exact trace; for a freshly initialised field and for one trained by
 //!   flow matching on two moons (the trained field bends more and needs more steps; its
 //!   training runs once, when a case needs it), also with shared steps and one probe.
-//! - `cnf_logp_B{1024,65536}`: RK45 on a 3→32→32→2 tanh field, per-row vs shared steps, exact
+//! - `cnf_logp_B{1024,65536}`: RK45 on the same trained field, per-row vs shared steps, exact
 //!   trace vs one Rademacher probe (65536 rows with the fewest samples criterion allows).
 //! - `cnf_train_step`: one flow-matching step and one adjoint (maximum-likelihood) step.
 //!
@@ -83,7 +83,15 @@ fn data(rows: usize) -> Tensor {
     moons(rows, &mut Rng::new(3))
 }
 
-fn bench_bar(c: &mut Criterion) {
+/// The bar and RK45 groups share one trained field, trained on first use (so a filter that
+/// selects neither does not pay for it).
+fn bench_logp(c: &mut Criterion) {
+    let mut trained: Option<Cnf<Cpu>> = None;
+    bench_bar(c, &mut trained);
+    bench_rk45(c, &mut trained);
+}
+
+fn bench_bar(c: &mut Criterion, trained: &mut Option<Cnf<Cpu>>) {
     let x = data(1024);
     let mut group = c.benchmark_group("cnf_logp_bar");
     group
@@ -107,7 +115,6 @@ fn bench_bar(c: &mut Criterion) {
     });
     // The trained field (built once, when a case needs it) with per-row and shared steps, and
     // with one Rademacher probe instead of the exact trace.
-    let mut trained: Option<Cnf<Cpu>> = None;
     for (name, shared, trace) in [
         ("trained", false, Trace::Exact),
         ("trained_shared", true, Trace::Exact),
@@ -128,10 +135,9 @@ fn bench_bar(c: &mut Criterion) {
     group.finish();
 }
 
-fn bench_rk45(c: &mut Criterion) {
+fn bench_rk45(c: &mut Criterion, trained: &mut Option<Cnf<Cpu>>) {
     for rows in [1024usize, 65536] {
         let x = data(rows);
-        let mut model = cnf(&[32, 32], 11);
         let mut group = c.benchmark_group(format!("cnf_logp_B{rows}"));
         group.sample_size(10).warm_up_time(Duration::from_secs(1));
         if rows > 4096 {
@@ -140,11 +146,12 @@ fn bench_rk45(c: &mut Criterion) {
             group.measurement_time(Duration::from_secs(3));
         }
         for shared in [false, true] {
-            model.solver.shared_steps = shared;
             for (tname, trace) in [("exact", Trace::Exact), ("hutch1", RADEMACHER_1)] {
                 let name = format!("{}_{tname}", if shared { "shared" } else { "per_row" });
                 let mut shown = false;
                 group.bench_function(&name, |b| {
+                    let model = trained.get_or_insert_with(trained_cnf);
+                    model.solver.shared_steps = shared;
                     if !shown {
                         let (_, s) = model.log_prob_with(&Cpu, &x, trace).expect("log p");
                         describe(&format!("B={rows} {name}"), &s);
@@ -183,5 +190,5 @@ fn bench_train_step(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_bar, bench_rk45, bench_train_step);
+criterion_group!(benches, bench_logp, bench_train_step);
 criterion_main!(benches);
