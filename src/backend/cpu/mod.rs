@@ -8,6 +8,7 @@ pub mod kernel;
 pub mod mlp;
 pub mod scratch;
 pub mod simd;
+pub mod transpose;
 pub mod vmath;
 
 use std::mem::MaybeUninit;

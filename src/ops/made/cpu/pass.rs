@@ -14,6 +14,7 @@ use crate::backend::cpu::gemm::{View, matmul};
 use crate::backend::cpu::kernel::{self, Band, Init, Operands, PAD, Post, padded};
 use crate::backend::cpu::scratch::Scratch;
 use crate::backend::cpu::simd::simd_dispatch;
+use crate::backend::cpu::transpose;
 use crate::backend::cpu::vmath;
 use crate::nn::mlp::Activation;
 use crate::ops::Direction;
@@ -137,25 +138,14 @@ fn lane_stride(lanes: usize) -> usize {
 fn to_degree_major(plan: &Plan, x: &[f32], rows: usize, ld: usize) -> Scratch {
     let d = plan.dim;
     let mut t = Scratch::new(d * ld);
-    for (k, &col) in plan.order.iter().enumerate() {
-        let dst = &mut t[k * ld..(k + 1) * ld];
-        for (r, v) in dst[..rows].iter_mut().enumerate() {
-            *v = x[r * d + col];
-        }
-        dst[rows..].fill(0.0);
-    }
+    transpose::gather_columns(plan.isa, x, d, rows, &plan.order, &mut t, ld);
     t
 }
 
 /// D × ld in degree order -> rows × D row-major in column order, into `x`.
 #[inline(always)]
 fn to_row_major(plan: &Plan, t: &[f32], rows: usize, ld: usize, x: &mut [f32]) {
-    let d = plan.dim;
-    for (k, &col) in plan.order.iter().enumerate() {
-        for (r, &v) in t[k * ld..k * ld + rows].iter().enumerate() {
-            x[r * d + col] = v;
-        }
-    }
+    transpose::scatter_columns(plan.isa, t, ld, rows, &plan.order, x, plan.dim);
 }
 
 /// y[tile units] = act(tile weights · input prefix + bias), for all `ld` lanes; `None` is
