@@ -1,8 +1,8 @@
 //! MADE / MAF throughput on the CPU reference backend.
 //!
-//! - `maf_flow`: a 5-layer MAF (D = 16, MADE hidden [128, 128], ReLU, orders alternating
+//! - `maf_flow_d{2,16,64}`: a 5-layer MAF (MADE hidden [128, 128], ReLU, orders alternating
 //!   natural / reversed), batch 4096: `log_prob` (5 × ar_parallel Inverse + log-det sums + base
-//!   density) and `sample` (5 × ar_sequential Forward).
+//!   density) and `sample` (5 × ar_sequential Forward). D = 16 is the quality-bar case.
 //! - `ar_parallel`: one layer's parallel pass and its backward at batch 4096 for D in
 //!   {2, 16, 64}.
 //!
@@ -33,9 +33,14 @@ fn random_layer(b: &Cpu, dim: usize, order: Order, rng: &mut Rng) -> Autoregress
 }
 
 fn maf_flow(c: &mut Criterion) {
+    for d in [2, 16, 64] {
+        maf_flow_dim(c, d);
+    }
+}
+
+fn maf_flow_dim(c: &mut Criterion, d: usize) {
     let b = Cpu::new();
     let mut rng = Rng::new(1);
-    let d = 16;
     let layers: Vec<_> = (0..5)
         .map(|i| {
             let order = if i % 2 == 0 {
@@ -47,7 +52,7 @@ fn maf_flow(c: &mut Criterion) {
         })
         .collect();
     let x = Tensor::randn(BATCH, d, &mut rng);
-    let mut g = c.benchmark_group("maf_flow_d16_h128x2");
+    let mut g = c.benchmark_group(format!("maf_flow_d{d}_h128x2"));
     g.throughput(Throughput::Elements(BATCH as u64));
     g.bench_function("log_prob", |bench| {
         bench.iter(|| {
