@@ -17,6 +17,7 @@
 
 use super::step::{
     Dense, OdeStepOps, OdeSummary, OdeSystem, Phase, STATE_COLS, ShareMode, StepControl,
+    check_dense, check_state, check_step_end,
 };
 use super::{
     DivCotangent, FieldVjp, ParamGrads, ProbeKind, Rk45Ops, TraceMode, check_field, check_trace,
@@ -314,10 +315,6 @@ fn rows_cfg(rows: usize, lanes: usize) -> LaunchCfg {
 
 fn reduce_cfg() -> LaunchCfg {
     LaunchCfg::new([1, 1, 1], [REDUCE_THREADS, 1, 1], 0)
-}
-
-fn state_check<G: GridDevice>(op: &'static str, state: &GridMat<G>, rows: usize) -> Result<()> {
-    state.expect_shape(op, rows, STATE_COLS)
 }
 
 /// Strided views of the field kernels' inputs and outputs: (matrix, row stride, column).
@@ -832,7 +829,7 @@ impl<G: GridDevice> OdeStepOps for Grid<G> {
         let op = "ode_initial_probe";
         let (rows, width) = y0.shape();
         f0.expect_shape(op, rows, width)?;
-        state_check(op, state, rows)?;
+        check_state(op, state, rows)?;
         let yp = self.alloc_mat(rows, width)?;
         let tp = self.alloc_mat(rows, 1)?;
         self.initial_step(y0, f0, None, state, Some((&yp, &tp)), ctl)?;
@@ -851,7 +848,7 @@ impl<G: GridDevice> OdeStepOps for Grid<G> {
         let (rows, width) = y0.shape();
         f0.expect_shape(op, rows, width)?;
         f1.expect_shape(op, rows, width)?;
-        state_check(op, state, rows)?;
+        check_state(op, state, rows)?;
         self.initial_step(y0, f0, Some(f1), state, None, ctl)
     }
 
@@ -914,7 +911,7 @@ impl<G: GridDevice> OdeStepOps for Grid<G> {
         for ks in k {
             ks.expect_shape(op, rows, width)?;
         }
-        state_check(op, state, rows)?;
+        check_state(op, state, rows)?;
         let ys = if stage == 0 {
             y.clone()
         } else {
@@ -953,16 +950,7 @@ impl<G: GridDevice> OdeStepOps for Grid<G> {
         dense: Option<Dense<'_, GridMat<G>>>,
     ) -> Result<()> {
         let op = "ode_step_end";
-        let (rows, width) = y.shape();
-        k0.expect_shape(op, rows, width)?;
-        y_new.expect_shape(op, rows, width)?;
-        for k in ks {
-            k.expect_shape(op, rows, width)?;
-        }
-        state_check(op, state, rows)?;
-        if let Some(d) = &dense {
-            check_dense(op, d, rows, width)?;
-        }
+        let (rows, width) = check_step_end(y, k0, &ks, y_new, state, dense.as_ref())?;
         if rows == 0 {
             return Ok(());
         }
@@ -1015,7 +1003,7 @@ impl<G: GridDevice> OdeStepOps for Grid<G> {
     ) -> Result<()> {
         let op = "ode_dense_start";
         let (rows, width) = y.shape();
-        state_check(op, state, rows)?;
+        check_state(op, state, rows)?;
         check_dense(op, &dense, rows, width)?;
         if rows == 0 {
             return Ok(());
@@ -1098,7 +1086,7 @@ impl<G: GridDevice> OdeStepOps for Grid<G> {
     ) -> Result<()> {
         let op = "ode_retire";
         let (rows, width) = y.shape();
-        state_check(op, state, rows)?;
+        check_state(op, state, rows)?;
         ids.expect_shape(op, rows, 1)?;
         let total = out_y.rows();
         out_y.expect_shape(op, total, width)?;
@@ -1148,7 +1136,7 @@ impl<G: GridDevice> OdeStepOps for Grid<G> {
         let rows = y_s.rows();
         y_s.expect_shape(op, rows, 2 * dim)?;
         t_s.expect_shape(op, rows, 1)?;
-        state_check(op, state, rows)?;
+        check_state(op, state, rows)?;
         let nparams = Self::nparams(net);
         if acc.partial.len() != 2 * acc.slots * nparams.max(1) {
             return Err(Error::invalid(
@@ -1244,18 +1232,6 @@ impl<G: GridDevice> Grid<G> {
             ],
         )
     }
-}
-
-fn check_dense<G: GridDevice>(
-    op: &'static str,
-    d: &Dense<'_, GridMat<G>>,
-    rows: usize,
-    width: usize,
-) -> Result<()> {
-    let n = d.t_eval.cols();
-    d.t_eval.expect_shape(op, 1, n)?;
-    d.y_eval.expect_shape(op, n * d.rows_total, width)?;
-    d.ids.expect_shape(op, rows, 1)
 }
 
 #[cfg(test)]

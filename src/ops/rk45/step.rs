@@ -25,6 +25,7 @@ use crate::error::Result;
 use crate::nn::mlp::Mlp;
 use crate::ode::{Controller, OdeOptions};
 use crate::ops::rk45::{DivCotangent, ProbeKind, TraceMode};
+use crate::tensor::Shaped;
 
 /// Columns of the per-row solver state.
 pub mod col {
@@ -157,6 +158,48 @@ pub struct Dense<'a, M> {
     pub y_eval: &'a mut M,
     pub ids: &'a M,
     pub rows_total: usize,
+}
+
+/// The controller state of `rows` rows must be rows × [`STATE_COLS`]: one check for every
+/// backend's step ops.
+pub(crate) fn check_state<M: Shaped>(op: &'static str, state: &M, rows: usize) -> Result<()> {
+    state.expect_shape(op, rows, STATE_COLS)
+}
+
+/// The dense-output arguments of a working set of `rows` rows of width `width`.
+pub(crate) fn check_dense<M: Shaped>(
+    op: &'static str,
+    d: &Dense<'_, M>,
+    rows: usize,
+    width: usize,
+) -> Result<()> {
+    let n = d.t_eval.cols();
+    d.t_eval.expect_shape(op, 1, n)?;
+    d.y_eval.expect_shape(op, n * d.rows_total, width)?;
+    d.ids.expect_shape(op, rows, 1)
+}
+
+/// The shapes `ode_step_end` takes, checked against y (B×W); returns (B, W).
+pub(crate) fn check_step_end<M: Shaped>(
+    y: &M,
+    k0: &M,
+    ks: &[&M],
+    y_new: &M,
+    state: &M,
+    dense: Option<&Dense<'_, M>>,
+) -> Result<(usize, usize)> {
+    let op = "ode_step_end";
+    let (rows, width) = y.shape();
+    k0.expect_shape(op, rows, width)?;
+    y_new.expect_shape(op, rows, width)?;
+    for k in ks {
+        k.expect_shape(op, rows, width)?;
+    }
+    check_state(op, state, rows)?;
+    if let Some(d) = dense {
+        check_dense(op, d, rows, width)?;
+    }
+    Ok((rows, width))
 }
 
 /// A batch reduction of a state column over the active rows, written back to each of them.

@@ -6,7 +6,7 @@
 
 use super::step::{
     Dense, OdeStepOps, OdeSummary, OdeSystem, Phase, RowStatus, STATE_COLS, ShareMode, StepControl,
-    col,
+    check_dense, check_state, check_step_end, col,
 };
 use super::{DivCotangent, ParamGrads, ProbeKind, Rk45Ops, TraceMode, generated_probes};
 use crate::backend::Cpu;
@@ -55,10 +55,6 @@ fn status(s: &[f32]) -> Option<RowStatus> {
 
 fn active(s: &[f32]) -> bool {
     status(s) == Some(RowStatus::Active)
-}
-
-fn check_state(op: &'static str, state: &Tensor, rows: usize) -> Result<()> {
-    state.expect_shape(op, rows, STATE_COLS)
 }
 
 /// The proposal of the next attempt of one active row (`ode_propose`).
@@ -116,13 +112,6 @@ fn row_id(ids: &Tensor, r: usize, total: usize) -> Result<usize> {
             "ode: row index {v} of working row {r} is not a row of the {total}-row batch"
         )))
     }
-}
-
-fn check_dense(op: &'static str, d: &Dense<'_, Tensor>, rows: usize, width: usize) -> Result<()> {
-    let n = d.t_eval.cols();
-    d.t_eval.expect_shape(op, 1, n)?;
-    d.y_eval.expect_shape(op, n * d.rows_total, width)?;
-    d.ids.expect_shape(op, rows, 1)
 }
 
 /// Writes the solution at the dense-output times inside row r's accepted step (t, t_new].
@@ -486,17 +475,7 @@ impl OdeStepOps for Cpu {
         ctl: &StepControl,
         mut dense: Option<Dense<'_, Tensor>>,
     ) -> Result<()> {
-        let op = "ode_step_end";
-        let (rows, width) = y.shape();
-        k0.expect_shape(op, rows, width)?;
-        y_new.expect_shape(op, rows, width)?;
-        for k in ks {
-            k.expect_shape(op, rows, width)?;
-        }
-        check_state(op, state, rows)?;
-        if let Some(d) = &dense {
-            check_dense(op, d, rows, width)?;
-        }
+        let (rows, width) = check_step_end(y, k0, &ks, y_new, state, dense.as_ref())?;
         for r in 0..rows {
             let k0r = k0.row(r).to_vec();
             let kr: [&[f32]; STAGES] =
