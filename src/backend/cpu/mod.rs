@@ -3,6 +3,7 @@
 //! GEMM for other shapes (`gemm`), per-thread scratch buffers (`scratch`) and threads over
 //! chunks of the batch.
 
+pub mod chunks;
 pub mod gemm;
 pub mod kernel;
 pub mod mlp;
@@ -13,18 +14,19 @@ pub mod vmath;
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
-
-use rayon::prelude::*;
+use std::sync::Mutex;
 
 use super::Device;
 use crate::error::Result;
 use crate::tensor::Tensor;
+use chunks::run_chunks;
 
 /// Rows per work item when an op splits a batch across threads: big enough to amortise the
 /// GEMM set-up, small enough that a chunk's activations stay in L2.
 pub const CHUNK_ROWS: usize = 256;
 
-/// The host backend. Stateless: threads come from rayon's global pool.
+/// The host backend. Stateless: threads come from the current rayon pool (the global one
+/// unless the caller runs inside another), with the calling thread working too (`chunks`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
 
@@ -67,11 +69,9 @@ pub fn par_row_chunks<T: Send>(
     f: impl Fn(Range<usize>) -> T + Sync + Send,
 ) -> Vec<T> {
     let chunk = chunk.max(1);
-    let n = rows.div_ceil(chunk);
-    (0..n)
-        .into_par_iter()
-        .map(|i| f(i * chunk..((i + 1) * chunk).min(rows)))
-        .collect()
+    run_chunks(rows.div_ceil(chunk), |i| {
+        f(i * chunk..((i + 1) * chunk).min(rows))
+    })
 }
 
 /// Copies per-chunk row blocks (each `cols` wide) into one rows×cols tensor.
@@ -105,18 +105,24 @@ pub fn par_fill<const N: usize, T: Send>(
         let w = *width.next().expect("one width per output");
         b.chunks_mut(chunk * w).collect::<Vec<_>>().into_iter()
     });
-    let jobs: Vec<[&mut [MaybeUninit<f32>]; N]> = (0..blocks)
+    // Each block is taken once, by whichever thread runs its chunk.
+    let jobs: Vec<Mutex<Option<Blocks<N>>>> = (0..blocks)
         .map(|_| {
-            parts
-                .each_mut()
-                .map(|p| p.next().expect("one block per output"))
+            Mutex::new(Some(
+                parts
+                    .each_mut()
+                    .map(|p| p.next().expect("one block per output")),
+            ))
         })
         .collect();
-    let results = jobs
-        .into_par_iter()
-        .enumerate()
-        .map(|(i, block)| fill(i * chunk..((i + 1) * chunk).min(rows), block.map(zeroed)))
-        .collect();
+    let results = run_chunks(blocks, |i| {
+        let block = jobs[i]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .expect("each block is run once");
+        fill(i * chunk..((i + 1) * chunk).min(rows), block.map(zeroed))
+    });
     // Every value of every output lies in exactly one block, and `zeroed` wrote each block.
     let mut width = cols.iter();
     let tensors = bufs.map(|b| {
@@ -127,6 +133,9 @@ pub fn par_fill<const N: usize, T: Send>(
     });
     (tensors, results)
 }
+
+/// One chunk's rows of each of `par_fill`'s outputs, before they are zeroed.
+type Blocks<'a, const N: usize> = [&'a mut [MaybeUninit<f32>]; N];
 
 /// `len` values of uninitialised memory.
 fn uninit(len: usize) -> Vec<MaybeUninit<f32>> {
