@@ -15,6 +15,7 @@ pub mod nn;
 pub mod ode;
 pub mod ops;
 pub mod plot;
+pub mod recycle;
 pub mod rng;
 pub mod tensor;
 #[doc(hidden)]

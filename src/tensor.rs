@@ -2,13 +2,33 @@
 //! currency in which every backend takes and returns data.
 
 use crate::error::{Error, Result};
+use crate::recycle;
 use crate::rng::Rng;
 
-#[derive(Clone, Debug, PartialEq, Default)]
+/// Its buffer goes back to the thread's [`recycle`] cache when it is dropped.
+#[derive(Debug, PartialEq, Default)]
 pub struct Tensor {
     rows: usize,
     cols: usize,
     data: Vec<f32>,
+}
+
+impl Clone for Tensor {
+    fn clone(&self) -> Self {
+        let mut data = recycle::take(self.data.len());
+        data.extend_from_slice(&self.data);
+        Tensor {
+            rows: self.rows,
+            cols: self.cols,
+            data,
+        }
+    }
+}
+
+impl Drop for Tensor {
+    fn drop(&mut self) {
+        recycle::give(std::mem::take(&mut self.data));
+    }
 }
 
 /// Anything with a row-major matrix shape (host tensors and device buffers alike).
@@ -126,8 +146,8 @@ impl Tensor {
         &mut self.data
     }
 
-    pub fn into_vec(self) -> Vec<f32> {
-        self.data
+    pub fn into_vec(mut self) -> Vec<f32> {
+        std::mem::take(&mut self.data)
     }
 
     pub fn row(&self, i: usize) -> &[f32] {
@@ -193,10 +213,12 @@ impl Tensor {
     }
 
     pub fn map(&self, f: impl Fn(f32) -> f32) -> Tensor {
+        let mut data = recycle::take(self.data.len());
+        data.extend(self.data.iter().map(|&v| f(v)));
         Tensor {
             rows: self.rows,
             cols: self.cols,
-            data: self.data.iter().map(|&v| f(v)).collect(),
+            data,
         }
     }
 

@@ -3,18 +3,47 @@
 //! A rayon parallel iterator called from a thread outside the pool (a user's thread, the
 //! trainer's loop) injects its work, sleeps, and is woken when the pool is done: two
 //! cross-thread wake-ups per call, about 15 µs on a 2-core machine, which is a third of a
-//! coupling layer's work at batch 512. Here the caller works too: it and `threads − 1`
-//! helpers spawned into the pool take chunk indices from a shared counter until none are
-//! left, then the caller waits only for the chunks a helper has already started. A helper
-//! that wakes late finds nothing to do, and the caller never waits for it to wake.
+//! coupling layer's work at batch 512. Here the caller works too: each call posts its
+//! chunks on a board, and the caller and up to `threads − 1` helpers take chunk indices from
+//! a shared counter until none are left; the caller then waits only for the chunks a helper
+//! has already started. A helper that wakes late finds nothing to do, and the caller never
+//! waits for it to wake.
+//!
+//! Waking a sleeping pool thread costs tens of µs, so a helper with nothing left to do stays
+//! awake for [`LINGER`], watching the board; a training step's ops follow each other
+//! closely, and all but the first find their helpers already running. (This is the
+//! spin-then-sleep policy of OpenMP runtimes; a lingering helper holds its pool thread, so
+//! other rayon work waits at most that long.)
 //!
 //! Results come back in chunk order whoever ran them, so reductions over them stay
 //! deterministic.
 
 use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a helper with nothing to do keeps watching the board before it returns its
+/// thread to the pool.
+pub const LINGER: Duration = Duration::from_micros(200);
+
+/// The chunks most recently posted, and how many helpers are alive to take them.
+struct Board {
+    /// Bumped on every post.
+    generation: AtomicU64,
+    latest: Mutex<Option<Arc<Shared>>>,
+    /// Helpers spawned and not yet returned to the pool. Never more than the pool's threads
+    /// less one (the caller is the other), so that on a machine with as many threads as cores
+    /// a lingering helper never takes a core from one with work.
+    helpers: AtomicUsize,
+}
+
+static BOARD: Board = Board {
+    generation: AtomicU64::new(0),
+    latest: Mutex::new(None),
+    helpers: AtomicUsize::new(0),
+};
 
 type Outcome<T> = std::result::Result<T, Box<dyn Any + Send>>;
 
@@ -45,12 +74,25 @@ pub fn run_chunks<T: Send>(n: usize, work: impl Fn(usize) -> T + Sync) -> Vec<T>
         n,
         run,
     });
-    for _ in 0..helpers {
-        let shared = Arc::clone(&shared);
-        rayon::spawn(move || shared.drain());
+    post(Arc::clone(&shared));
+    // Live helpers join without a wake-up; spawn the rest.
+    let mut live = BOARD.helpers.load(Ordering::Relaxed);
+    while live < helpers {
+        let more = live + 1;
+        match BOARD
+            .helpers
+            .compare_exchange(live, more, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Ok(_) => {
+                rayon::spawn(help);
+                live = more;
+            }
+            Err(now) => live = now,
+        }
     }
     shared.drain();
     shared.wait();
+    unpost(&shared);
     slots
         .into_iter()
         .map(|s| {
@@ -61,6 +103,71 @@ pub fn run_chunks<T: Send>(n: usize, work: impl Fn(usize) -> T + Sync) -> Vec<T>
             }
         })
         .collect()
+}
+
+/// Values handed out once each, by chunk index, to whichever thread runs that chunk: how
+/// disjoint `&mut` blocks of an output reach the chunks.
+pub struct Handout<T>(Vec<Mutex<Option<T>>>);
+
+impl<T> Handout<T> {
+    pub fn new(items: impl IntoIterator<Item = T>) -> Self {
+        Handout(items.into_iter().map(|v| Mutex::new(Some(v))).collect())
+    }
+
+    /// Item `i`; each is taken once (a second take is a bug in the caller).
+    pub fn take(&self, i: usize) -> T {
+        self.0[i]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .expect("each item is handed out once")
+    }
+}
+
+/// Puts a call's chunks on the board for watching helpers.
+fn post(shared: Arc<Shared>) {
+    *BOARD.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(shared);
+    BOARD.generation.fetch_add(1, Ordering::Release);
+}
+
+/// Takes a finished call's chunks off the board, unless a later call has posted since.
+fn unpost(done: &Arc<Shared>) {
+    let mut latest = BOARD.latest.lock().unwrap_or_else(|e| e.into_inner());
+    if latest.as_ref().is_some_and(|s| Arc::ptr_eq(s, done)) {
+        *latest = None;
+    }
+}
+
+/// A helper: runs the chunks of whatever is posted, until nothing new has come for
+/// [`LINGER`].
+fn help() {
+    // Nothing seen yet, so the first look at the board finds the call that spawned it.
+    let mut seen = None;
+    let mut idle_since = Instant::now();
+    let mut spins = 0u32;
+    loop {
+        let now = BOARD.generation.load(Ordering::Acquire);
+        if seen != Some(now) {
+            seen = Some(now);
+            let posted = BOARD
+                .latest
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if let Some(shared) = posted {
+                shared.drain();
+            }
+            idle_since = Instant::now();
+            continue;
+        }
+        std::hint::spin_loop();
+        spins = spins.wrapping_add(1);
+        // The clock is read now and then, not on every spin.
+        if spins.is_multiple_of(64) && idle_since.elapsed() > LINGER {
+            break;
+        }
+    }
+    BOARD.helpers.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// The counters of one `run_chunks` call, shared with its helpers.

@@ -14,12 +14,11 @@ pub mod vmath;
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
-use std::sync::Mutex;
 
 use super::Device;
 use crate::error::Result;
 use crate::tensor::Tensor;
-use chunks::run_chunks;
+use chunks::{Handout, run_chunks};
 
 /// Rows per work item when an op splits a batch across threads: big enough to amortise the
 /// GEMM set-up, small enough that a chunk's activations stay in L2.
@@ -105,23 +104,14 @@ pub fn par_fill<const N: usize, T: Send>(
         let w = *width.next().expect("one width per output");
         b.chunks_mut(chunk * w).collect::<Vec<_>>().into_iter()
     });
-    // Each block is taken once, by whichever thread runs its chunk.
-    let jobs: Vec<Mutex<Option<Blocks<N>>>> = (0..blocks)
-        .map(|_| {
-            Mutex::new(Some(
-                parts
-                    .each_mut()
-                    .map(|p| p.next().expect("one block per output")),
-            ))
-        })
-        .collect();
+    let jobs = Handout::new((0..blocks).map(|_| {
+        parts
+            .each_mut()
+            .map(|p| p.next().expect("one block per output"))
+    }));
     let results = run_chunks(blocks, |i| {
-        let block = jobs[i]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .expect("each block is run once");
-        fill(i * chunk..((i + 1) * chunk).min(rows), block.map(zeroed))
+        let block = jobs.take(i).map(zeroed);
+        fill(i * chunk..((i + 1) * chunk).min(rows), block)
     });
     // Every value of every output lies in exactly one block, and `zeroed` wrote each block.
     let mut width = cols.iter();
@@ -134,15 +124,37 @@ pub fn par_fill<const N: usize, T: Send>(
     (tensors, results)
 }
 
-/// One chunk's rows of each of `par_fill`'s outputs, before they are zeroed.
-type Blocks<'a, const N: usize> = [&'a mut [MaybeUninit<f32>]; N];
+/// Runs `f(start, blocks)` on consecutive blocks of at most `chunk` values of `N` slices of
+/// one length, in parallel; `start` is the blocks' offset in the slices. (Element-wise
+/// updates in place, such as an optimiser step.)
+pub fn par_blocks<const N: usize>(
+    slices: [&mut [f32]; N],
+    chunk: usize,
+    f: impl Fn(usize, [&mut [f32]; N]) + Sync + Send,
+) {
+    let len = slices.first().map_or(0, |s| s.len());
+    assert!(
+        slices.iter().all(|s| s.len() == len),
+        "par_blocks: lengths differ"
+    );
+    let chunk = chunk.max(1);
+    let mut parts = slices.map(|s| s.chunks_mut(chunk));
+    let n = len.div_ceil(chunk);
+    let blocks = Handout::new((0..n).map(|_| {
+        parts
+            .each_mut()
+            .map(|p| p.next().expect("one block per slice"))
+    }));
+    run_chunks(n, |i| f(i * chunk, blocks.take(i)));
+}
 
-/// `len` values of uninitialised memory.
+/// `len` values of uninitialised memory, in a recycled buffer when one fits.
 fn uninit(len: usize) -> Vec<MaybeUninit<f32>> {
-    let mut v = Vec::with_capacity(len);
-    // SAFETY: the capacity is `len`, and `MaybeUninit` needs no initialisation.
-    unsafe { v.set_len(len) };
-    v
+    let mut v = std::mem::ManuallyDrop::new(crate::recycle::take(len));
+    let (ptr, cap) = (v.as_mut_ptr() as *mut MaybeUninit<f32>, v.capacity());
+    // SAFETY: the same allocation, capacity >= len, and `MaybeUninit<f32>` has the layout of
+    // `f32` and needs no initialisation.
+    unsafe { Vec::from_raw_parts(ptr, len, cap) }
 }
 
 /// Zeroes a block and returns it as initialised values.
@@ -169,6 +181,22 @@ unsafe fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
 mod tests {
     use super::*;
     use crate::tensor::Shaped;
+
+    #[test]
+    fn par_blocks_visits_every_value_once_at_its_offset() {
+        for len in [0usize, 1, 2047, 2048, 5000] {
+            let mut a = vec![0.0f32; len];
+            let mut b = vec![1.0f32; len];
+            par_blocks([&mut a, &mut b], 2048, |start, [a, b]| {
+                for (i, (x, y)) in a.iter_mut().zip(b.iter_mut()).enumerate() {
+                    *x += (start + i) as f32;
+                    *y += 1.0;
+                }
+            });
+            assert!(a.iter().enumerate().all(|(i, &x)| x == i as f32));
+            assert!(b.iter().all(|&y| y == 2.0));
+        }
+    }
 
     #[test]
     fn par_fill_covers_every_row_once_in_order() {

@@ -2,6 +2,7 @@
 
 use super::{AdamHyper, OptimOps};
 use crate::backend::Cpu;
+use crate::backend::cpu::par_blocks;
 use crate::backend::cpu::simd::simd_dispatch;
 use crate::error::Result;
 use crate::tensor::{Shaped, Tensor};
@@ -28,10 +29,19 @@ impl OptimOps for Cpu {
             decay: 1.0 - h.lr * h.weight_decay,
             grad_scale,
         };
-        adam(h, &step, p.data_mut(), g.data(), m.data_mut(), v.data_mut());
+        let g = g.data();
+        let slices = [p.data_mut(), m.data_mut(), v.data_mut()];
+        par_blocks(slices, ADAM_CHUNK, |start, [p, m, v]| {
+            adam(h, &step, p, &g[start..start + p.len()], m, v)
+        });
         Ok(())
     }
 }
+
+/// Values per parallel block: a 64×64 weight (4096) is two blocks, so a training step's
+/// optimiser updates keep both threads busy (and the pool's helpers awake between the
+/// backward and the next forward); smaller tensors are one block, on the calling thread.
+const ADAM_CHUNK: usize = 2048;
 
 /// The per-call constants of one Adam step.
 struct Step {
