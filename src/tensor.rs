@@ -6,11 +6,14 @@ use crate::recycle;
 use crate::rng::Rng;
 
 /// Its buffer goes back to the thread's [`recycle`] cache when it is dropped.
-#[derive(Debug, PartialEq, Default)]
+#[derive(Debug, Default)]
 pub struct Tensor {
     rows: usize,
     cols: usize,
     data: Vec<f32>,
+    /// Set by an op that has checked every value finite (its outputs); cleared by every
+    /// mutable access. The next op then skips its own scan of the values.
+    finite: bool,
 }
 
 impl Clone for Tensor {
@@ -21,7 +24,15 @@ impl Clone for Tensor {
             rows: self.rows,
             cols: self.cols,
             data,
+            finite: self.finite,
         }
+    }
+}
+
+/// Equal shapes and values (whether the values are known finite does not matter).
+impl PartialEq for Tensor {
+    fn eq(&self, other: &Self) -> bool {
+        self.rows == other.rows && self.cols == other.cols && self.data == other.data
     }
 }
 
@@ -77,6 +88,7 @@ impl Tensor {
             rows,
             cols,
             data: vec![value; rows * cols],
+            finite: false,
         }
     }
 
@@ -88,7 +100,12 @@ impl Tensor {
                 format!("{} values", data.len()),
             ));
         }
-        Ok(Tensor { rows, cols, data })
+        Ok(Tensor {
+            rows,
+            cols,
+            data,
+            finite: false,
+        })
     }
 
     /// A matrix from rows of equal length.
@@ -109,6 +126,7 @@ impl Tensor {
             rows: rows.len(),
             cols,
             data,
+            finite: false,
         })
     }
 
@@ -119,7 +137,12 @@ impl Tensor {
                 data.push(f(i, j));
             }
         }
-        Tensor { rows, cols, data }
+        Tensor {
+            rows,
+            cols,
+            data,
+            finite: false,
+        }
     }
 
     /// Standard normal entries from a seeded generator.
@@ -143,7 +166,19 @@ impl Tensor {
     }
 
     pub fn data_mut(&mut self) -> &mut [f32] {
+        self.finite = false;
         &mut self.data
+    }
+
+    /// Whether an op has checked every value finite since the last mutable access.
+    pub fn known_finite(&self) -> bool {
+        self.finite
+    }
+
+    /// Records that every value has been checked finite (by the op that made the tensor).
+    pub(crate) fn mark_finite(&mut self) {
+        debug_assert!(self.data.iter().all(|v| v.is_finite()));
+        self.finite = true;
     }
 
     pub fn into_vec(mut self) -> Vec<f32> {
@@ -155,6 +190,7 @@ impl Tensor {
     }
 
     pub fn row_mut(&mut self, i: usize) -> &mut [f32] {
+        self.finite = false;
         let c = self.cols;
         &mut self.data[i * c..(i + 1) * c]
     }
@@ -164,6 +200,7 @@ impl Tensor {
     }
 
     pub fn set(&mut self, i: usize, j: usize, v: f32) {
+        self.finite = false;
         self.data[i * self.cols + j] = v;
     }
 
@@ -175,6 +212,7 @@ impl Tensor {
             rows: end - start,
             cols: self.cols,
             data: self.data[start * self.cols..end * self.cols].to_vec(),
+            finite: false,
         }
     }
 
@@ -194,6 +232,7 @@ impl Tensor {
             rows: idx.len(),
             cols: self.cols,
             data,
+            finite: false,
         })
     }
 
@@ -209,7 +248,12 @@ impl Tensor {
             data.extend_from_slice(&p.data);
             rows += p.rows;
         }
-        Ok(Tensor { rows, cols, data })
+        Ok(Tensor {
+            rows,
+            cols,
+            data,
+            finite: false,
+        })
     }
 
     pub fn map(&self, f: impl Fn(f32) -> f32) -> Tensor {
@@ -219,6 +263,7 @@ impl Tensor {
             rows: self.rows,
             cols: self.cols,
             data,
+            finite: false,
         }
     }
 
@@ -228,6 +273,9 @@ impl Tensor {
 
     /// Errors on the first NaN or infinity, naming where it is.
     pub fn check_finite(&self, what: &str) -> Result<()> {
+        if self.finite {
+            return Ok(());
+        }
         match self.data.iter().position(|v| !v.is_finite()) {
             None => Ok(()),
             Some(k) => Err(Error::NonFinite {

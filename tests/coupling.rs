@@ -818,3 +818,27 @@ on_grid_backends!(
     super::check_new_layer_is_identity
 );
 on_grid_backends!(grid_state_roundtrip, super::check_state_roundtrip);
+
+/// An op's outputs carry "checked finite" (so the next op skips its scan), and any mutable
+/// access clears it: a NaN written into an op's output afterwards is still caught.
+#[test]
+fn a_checked_output_changed_afterwards_is_checked_again() {
+    let b = Cpu;
+    let spec = specs()[0];
+    let layer = random_layer(&b, spec, 3);
+    let x = random_input(&spec, 37, 4);
+    assert!(!x.known_finite());
+    let (mut z, ld) = layer.inverse(&b, &x).unwrap();
+    assert!(z.known_finite() && ld.known_finite());
+    assert!(z.clone().known_finite());
+    assert!(layer.inverse(&b, &z).is_ok());
+    z.data_mut()[5] = f32::NAN;
+    assert!(!z.known_finite());
+    match layer.inverse(&b, &z) {
+        Err(Error::NonFinite { row, .. }) => assert_eq!(row, 5 / spec.dim),
+        other => panic!("expected a non-finite error, got {other:?}"),
+    }
+    let (mut y, _) = layer.forward(&b, &x).unwrap();
+    y.set(0, 0, f32::INFINITY);
+    assert!(!y.known_finite() && y.check_finite("y").is_err());
+}

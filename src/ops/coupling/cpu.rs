@@ -47,7 +47,9 @@ impl CouplingOps for Cpu {
         let x = input.data();
         let ([out, logdet], chunks) = par_fill(rows, CHUNK_ROWS, [d, 1], |r, [y, ld]| {
             let x = &x[r.start * d..r.end * d];
-            check_given(Stage::Input, "coupling input", x, d, r.start)?;
+            if !input.known_finite() {
+                check_given(Stage::Input, "coupling input", x, d, r.start)?;
+            }
             let done = if feature_major {
                 forward_chunk_fm(spec, &mlp, x, y, ld, r, dir)
             } else {
@@ -56,6 +58,10 @@ impl CouplingOps for Cpu {
             done.map_err(|e| (Stage::Result, e))
         });
         in_order(chunks)?;
+        // Every chunk checked its rows of both.
+        let (mut out, mut logdet) = (out, logdet);
+        out.mark_finite();
+        logdet.mark_finite();
         Ok((out, logdet))
     }
 
@@ -85,16 +91,19 @@ impl CouplingOps for Cpu {
                 d_out: &d_out.data()[r.start * d..r.end * d],
                 d_logdet: &d_logdet.data()[r.clone()],
             };
-            check_given(Stage::Input, "coupling_backward input", given.x, d, r.start)?;
-            check_given(
-                Stage::DOut,
-                "coupling_backward d_out",
-                given.d_out,
-                d,
-                r.start,
-            )?;
-            let ld = given.d_logdet;
-            check_given(Stage::DLogdet, "coupling_backward d_logdet", ld, 1, r.start)?;
+            // Tensors an op has already checked (see `Tensor::known_finite`) are not scanned.
+            if !input.known_finite() {
+                let x = given.x;
+                check_given(Stage::Input, "coupling_backward input", x, d, r.start)?;
+            }
+            if !d_out.known_finite() {
+                let g = given.d_out;
+                check_given(Stage::DOut, "coupling_backward d_out", g, d, r.start)?;
+            }
+            if !d_logdet.known_finite() {
+                let ld = given.d_logdet;
+                check_given(Stage::DLogdet, "coupling_backward d_logdet", ld, 1, r.start)?;
+            }
             backward_chunk(spec, &mlp, &given, g, r, dir).map_err(|e| (Stage::Result, e))
         });
         // Chunk partials are summed in row order.
@@ -105,10 +114,15 @@ impl CouplingOps for Cpu {
                 Some(acc) => chunk.add_to(&mlp, acc),
             }
         }
-        let grads = grads.expect("a non-empty batch has at least one chunk");
-        for (name, t) in grads.tensor_names().iter().zip(grads.tensors()) {
+        let mut grads = grads.expect("a non-empty batch has at least one chunk");
+        let names = grads.tensor_names();
+        for (name, t) in names.iter().zip(grads.tensors_mut()) {
             check_finite(t, &format!("coupling_backward gradient of {name}"))?;
+            t.mark_finite();
         }
+        // Every chunk checked its rows.
+        let mut d_in = d_in;
+        d_in.mark_finite();
         Ok((d_in, grads))
     }
 }
@@ -127,7 +141,7 @@ fn validate(
     // The input is scanned by the chunks, in parallel (`Stage::Input`); only when a parameter
     // is bad is it scanned here first, so that a bad input still wins, as it always has.
     for (name, t) in net.tensor_names().iter().zip(net.tensors()) {
-        if !all_finite(t.data()) {
+        if !t.known_finite() && !all_finite(t.data()) {
             check_finite(input, &format!("{op} input"))?;
             check_finite(t, &format!("{op} conditioner {name}"))?;
         }

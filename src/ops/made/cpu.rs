@@ -33,7 +33,8 @@ const FORWARD_CHUNK_ROWS: usize = 2 * CHUNK_ROWS;
 /// Errors on the first non-finite entry of `t`. The common all-finite case is one
 /// vectorised scan; `Tensor::check_finite` then names the position.
 fn check_finite(t: &Tensor, what: impl FnOnce() -> String) -> Result<()> {
-    if all_finite(t.data()) {
+    // A tensor an op has already checked (see `Tensor::known_finite`) is not scanned.
+    if t.known_finite() || all_finite(t.data()) {
         Ok(())
     } else {
         t.check_finite(&what())
@@ -86,6 +87,9 @@ fn forward_chunks(
     if !finite.iter().all(|f| f.1) {
         check_finite(&ld, || format!("{op} logdet"))?;
     }
+    let (mut y, mut ld) = (y, ld);
+    y.mark_finite();
+    ld.mark_finite();
     Ok((y, ld))
 }
 
@@ -139,10 +143,14 @@ impl MadeOps for Cpu {
         for g in &parts {
             total.add(g);
         }
-        let grads = plan.unpack_grads(spec, &total.tiles, &total.bias);
+        let mut grads = plan.unpack_grads(spec, &total.tiles, &total.bias);
+        let mut dx = dx;
         check_finite(&dx, || format!("{OP} d_input"))?;
-        for (name, t) in grads.tensor_names().iter().zip(grads.tensors()) {
+        dx.mark_finite();
+        let names = grads.tensor_names();
+        for (name, t) in names.iter().zip(grads.tensors_mut()) {
             check_finite(t, || format!("{OP} gradient of {name}"))?;
+            t.mark_finite();
         }
         Ok((dx, grads))
     }
