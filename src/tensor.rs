@@ -1,6 +1,7 @@
 //! The host matrix: row-major f32, shape-checked. It is the CPU backend's storage and the
 //! currency in which every backend takes and returns data.
 
+use crate::backend::cpu::vmath::all_finite;
 use crate::error::{Error, Result};
 use crate::recycle;
 use crate::rng::Rng;
@@ -271,9 +272,15 @@ impl Tensor {
         Tensor::from_fn(self.cols, self.rows, |i, j| self.get(j, i))
     }
 
-    /// Errors on the first NaN or infinity, naming where it is.
+    /// Whether every value is finite: known from the op that made the tensor, or one
+    /// vectorised scan.
+    pub fn all_finite(&self) -> bool {
+        self.finite || all_finite(&self.data)
+    }
+
+    /// Errors on the first NaN or infinity, naming where it is (looked up only on failure).
     pub fn check_finite(&self, what: &str) -> Result<()> {
-        if self.finite {
+        if self.all_finite() {
             return Ok(());
         }
         match self.data.iter().position(|v| !v.is_finite()) {

@@ -81,7 +81,7 @@ impl CouplingOps for Cpu {
             .and_then(|_| d_logdet.expect_shape(OP_BACKWARD, rows, 1));
         if let Err(e) = shapes {
             // A bad input is reported first (see `validate`).
-            check_finite(input, "coupling_backward input")?;
+            input.check_finite("coupling_backward input")?;
             return Err(e);
         }
         let mlp = PackedMlp::new(net, true);
@@ -117,7 +117,7 @@ impl CouplingOps for Cpu {
         let mut grads = grads.expect("a non-empty batch has at least one chunk");
         let names = grads.tensor_names();
         for (name, t) in names.iter().zip(grads.tensors_mut()) {
-            check_finite(t, &format!("coupling_backward gradient of {name}"))?;
+            t.check_finite(&format!("coupling_backward gradient of {name}"))?;
             t.mark_finite();
         }
         // Every chunk checked its rows.
@@ -141,9 +141,9 @@ fn validate(
     // The input is scanned by the chunks, in parallel (`Stage::Input`); only when a parameter
     // is bad is it scanned here first, so that a bad input still wins, as it always has.
     for (name, t) in net.tensor_names().iter().zip(net.tensors()) {
-        if !t.known_finite() && !all_finite(t.data()) {
-            check_finite(input, &format!("{op} input"))?;
-            check_finite(t, &format!("{op} conditioner {name}"))?;
+        if !t.all_finite() {
+            input.check_finite(&format!("{op} input"))?;
+            t.check_finite(&format!("{op} conditioner {name}"))?;
         }
     }
     Ok(())
@@ -189,15 +189,6 @@ fn check_given(
     first_row: usize,
 ) -> Staged<()> {
     check_block(what, data, cols, first_row).map_err(|e| (stage, e))
-}
-
-/// `Tensor::check_finite` behind the fast scan; the position is only looked up on failure.
-fn check_finite(t: &Tensor, what: &str) -> Result<()> {
-    if all_finite(t.data()) {
-        Ok(())
-    } else {
-        t.check_finite(what)
-    }
 }
 
 /// Errors on the first non-finite value of a chunk's `cols`-wide result, naming its batch row.

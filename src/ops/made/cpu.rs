@@ -30,11 +30,9 @@ const BACKWARD_TILE: usize = 16;
 /// cost per tile. (The backward keeps every layer and uses the default.)
 const FORWARD_CHUNK_ROWS: usize = 2 * CHUNK_ROWS;
 
-/// Errors on the first non-finite entry of `t`. The common all-finite case is one
-/// vectorised scan; `Tensor::check_finite` then names the position.
+/// `Tensor::check_finite` with the message formatted only on failure.
 fn check_finite(t: &Tensor, what: impl FnOnce() -> String) -> Result<()> {
-    // A tensor an op has already checked (see `Tensor::known_finite`) is not scanned.
-    if t.known_finite() || all_finite(t.data()) {
+    if t.all_finite() {
         Ok(())
     } else {
         t.check_finite(&what())
