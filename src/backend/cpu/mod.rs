@@ -99,16 +99,8 @@ pub fn par_fill<const N: usize, T: Send>(
     let chunk = chunk.max(1);
     let blocks = rows.div_ceil(chunk);
     let mut bufs: [Vec<MaybeUninit<f32>>; N] = cols.map(|c| uninit(rows * c));
-    let mut width = cols.iter();
-    let mut parts = bufs.each_mut().map(|b| {
-        let w = *width.next().expect("one width per output");
-        b.chunks_mut(chunk * w).collect::<Vec<_>>().into_iter()
-    });
-    let jobs = Handout::new((0..blocks).map(|_| {
-        parts
-            .each_mut()
-            .map(|p| p.next().expect("one block per output"))
-    }));
+    let slices = bufs.each_mut().map(|b| &mut b[..]);
+    let jobs = split_blocks(slices, cols.map(|c| chunk * c), blocks);
     let results = run_chunks(blocks, |i| {
         let block = jobs.take(i).map(zeroed);
         fill(i * chunk..((i + 1) * chunk).min(rows), block)
@@ -138,14 +130,25 @@ pub fn par_blocks<const N: usize>(
         "par_blocks: lengths differ"
     );
     let chunk = chunk.max(1);
-    let mut parts = slices.map(|s| s.chunks_mut(chunk));
     let n = len.div_ceil(chunk);
-    let blocks = Handout::new((0..n).map(|_| {
+    let blocks = split_blocks(slices, [chunk; N], n);
+    run_chunks(n, |i| f(i * chunk, blocks.take(i)));
+}
+
+/// `N` slices cut into `n` consecutive blocks of `sizes[j]` values each (the last block may be
+/// shorter), handed out by block index: block i of every slice goes to chunk i.
+fn split_blocks<T, const N: usize>(
+    slices: [&mut [T]; N],
+    sizes: [usize; N],
+    n: usize,
+) -> Handout<[&mut [T]; N]> {
+    let mut size = sizes.iter();
+    let mut parts = slices.map(|s| s.chunks_mut(*size.next().expect("one size per slice")));
+    Handout::new((0..n).map(|_| {
         parts
             .each_mut()
             .map(|p| p.next().expect("one block per slice"))
-    }));
-    run_chunks(n, |i| f(i * chunk, blocks.take(i)));
+    }))
 }
 
 /// `len` values of uninitialised memory, in a recycled buffer when one fits.
