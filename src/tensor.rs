@@ -80,17 +80,22 @@ impl Shaped for Tensor {
 }
 
 impl Tensor {
+    /// The one place a tensor is assembled: values not yet known to be finite.
+    fn with_data(rows: usize, cols: usize, data: Vec<f32>) -> Self {
+        Tensor {
+            rows,
+            cols,
+            data,
+            finite: false,
+        }
+    }
+
     pub fn zeros(rows: usize, cols: usize) -> Self {
         Self::full(rows, cols, 0.0)
     }
 
     pub fn full(rows: usize, cols: usize, value: f32) -> Self {
-        Tensor {
-            rows,
-            cols,
-            data: vec![value; rows * cols],
-            finite: false,
-        }
+        Tensor::with_data(rows, cols, vec![value; rows * cols])
     }
 
     pub fn from_vec(rows: usize, cols: usize, data: Vec<f32>) -> Result<Self> {
@@ -101,12 +106,7 @@ impl Tensor {
                 format!("{} values", data.len()),
             ));
         }
-        Ok(Tensor {
-            rows,
-            cols,
-            data,
-            finite: false,
-        })
+        Ok(Tensor::with_data(rows, cols, data))
     }
 
     /// A matrix from rows of equal length.
@@ -123,12 +123,7 @@ impl Tensor {
             }
             data.extend_from_slice(r);
         }
-        Ok(Tensor {
-            rows: rows.len(),
-            cols,
-            data,
-            finite: false,
-        })
+        Ok(Tensor::with_data(rows.len(), cols, data))
     }
 
     pub fn from_fn(rows: usize, cols: usize, mut f: impl FnMut(usize, usize) -> f32) -> Self {
@@ -138,12 +133,7 @@ impl Tensor {
                 data.push(f(i, j));
             }
         }
-        Tensor {
-            rows,
-            cols,
-            data,
-            finite: false,
-        }
+        Tensor::with_data(rows, cols, data)
     }
 
     /// Standard normal entries from a seeded generator.
@@ -209,12 +199,11 @@ impl Tensor {
     pub fn slice_rows(&self, start: usize, end: usize) -> Tensor {
         let end = end.min(self.rows);
         let start = start.min(end);
-        Tensor {
-            rows: end - start,
-            cols: self.cols,
-            data: self.data[start * self.cols..end * self.cols].to_vec(),
-            finite: false,
-        }
+        Tensor::with_data(
+            end - start,
+            self.cols,
+            self.data[start * self.cols..end * self.cols].to_vec(),
+        )
     }
 
     /// The rows named by `idx`, in that order.
@@ -229,12 +218,7 @@ impl Tensor {
             }
             data.extend_from_slice(self.row(i));
         }
-        Ok(Tensor {
-            rows: idx.len(),
-            cols: self.cols,
-            data,
-            finite: false,
-        })
+        Ok(Tensor::with_data(idx.len(), self.cols, data))
     }
 
     /// Stacks matrices with the same number of columns on top of each other.
@@ -249,23 +233,13 @@ impl Tensor {
             data.extend_from_slice(&p.data);
             rows += p.rows;
         }
-        Ok(Tensor {
-            rows,
-            cols,
-            data,
-            finite: false,
-        })
+        Ok(Tensor::with_data(rows, cols, data))
     }
 
     pub fn map(&self, f: impl Fn(f32) -> f32) -> Tensor {
         let mut data = recycle::take(self.data.len());
         data.extend(self.data.iter().map(|&v| f(v)));
-        Tensor {
-            rows: self.rows,
-            cols: self.cols,
-            data,
-            finite: false,
-        }
+        Tensor::with_data(self.rows, self.cols, data)
     }
 
     pub fn transpose(&self) -> Tensor {
