@@ -105,11 +105,13 @@ pub fn gemm(isa: Isa, o: &Operands, init: Init, post: Post, c: &mut [f32], ldc: 
     drive(isa, &[job], o.n, c, ldc);
 }
 
-/// Rows `rows` of C computed from their own rows of A (row-major, `k` wide) over their own
+/// Rows `rows` of C computed from their own A (A[i, k] = `a[i·a_rs + k·a_cs]`) over their own
 /// inner length `k`, with a bias per row: a tile of a masked layer, whose units see only a
 /// prefix of the layer input.
 pub struct Band<'a> {
     pub a: &'a [f32],
+    pub a_rs: usize,
+    pub a_cs: usize,
     pub k: usize,
     pub rows: std::ops::Range<usize>,
     pub bias: &'a [f32],
@@ -136,8 +138,8 @@ pub fn gemm_bands(
             let job = Job {
                 o: Operands {
                     a: band.a,
-                    a_rs: band.k,
-                    a_cs: 1,
+                    a_rs: band.a_rs,
+                    a_cs: band.a_cs,
                     b,
                     ldb,
                     m: band.rows.len(),
@@ -486,11 +488,15 @@ mod tests {
             .iter()
             .map(|&(_, h, k)| random(h * k, &mut rng))
             .collect();
+        // Bands alternate between row-major weights and weights stored input by input.
         let bands: Vec<Band> = spec
             .iter()
             .zip(&weights)
-            .map(|(&(r0, h, k), w)| Band {
+            .enumerate()
+            .map(|(i, (&(r0, h, k), w))| Band {
                 a: w,
+                a_rs: if i % 2 == 0 { k } else { 1 },
+                a_cs: if i % 2 == 0 { 1 } else { h },
                 k,
                 rows: r0..r0 + h,
                 bias: &bias[r0..r0 + h],
@@ -501,8 +507,8 @@ mod tests {
             for band in &bands {
                 let o = Operands {
                     a: band.a,
-                    a_rs: band.k,
-                    a_cs: 1,
+                    a_rs: band.a_rs,
+                    a_cs: band.a_cs,
                     b: &b,
                     ldb: n,
                     m: band.rows.len(),

@@ -21,44 +21,79 @@ const EXP_LO: f32 = -87.33654;
 /// e^x for finite x (NaN in gives NaN out).
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split so that n·LN2_HI is exact for |n| <= 256 (Cody–Waite reduction).
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let xc = x.clamp(EXP_LO, EXP_HI);
-    // Round to nearest by adding 1.5·2^23 (|x·log2 e| < 2^22): the sum's low mantissa bits
-    // then hold n + 2^22, so n comes out of the bits with no float-to-int conversion. Unlike
-    // `round`/`floor` (libm calls without SSE4.1) and `as i32` (saturating, with NaN checks),
-    // this vectorises on any x86-64.
-    const ROUNDER: f32 = 12_582_912.0;
-    let t = xc * LOG2E + ROUNDER;
-    let n = t - ROUNDER;
-    let ni = t.to_bits() as i32 - ROUNDER.to_bits() as i32;
-    let r = (xc - n * LN2_HI) - n * LN2_LO;
-    // Minimax polynomial for (e^r − 1 − r)/r² on |r| <= ln2/2 (Cephes expf).
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 0.166_666_65;
-    p = p * r + 0.5;
-    let er = p * r * r + r + 1.0;
-    // 2^n as 2^n1·2^n2 with both halves in [−64, 64], so that n = 128 (x near EXP_HI) and
-    // n = −126 (x near EXP_LO) stay representable.
-    let n1 = ni >> 1;
-    let pow2 = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
-    let y = er * pow2(n1) * pow2(ni - n1);
-    let y = if x > EXP_HI { f32::INFINITY } else { y };
-    let y = if x < EXP_LO { 0.0 } else { y };
-    if x.is_nan() { x } else { y }
+    let mut v = [x];
+    exp_block(&mut v);
+    v[0]
 }
 
 /// tanh(x) = sign(x)·(1 − e^(−2|x|)) / (1 + e^(−2|x|)).
 #[inline(always)]
 pub fn tanh(x: f32) -> f32 {
-    let e = exp(-2.0 * x.abs());
-    let t = (1.0 - e) / (1.0 + e);
-    t.copysign(x)
+    let mut v = [x];
+    tanh_block(&mut v);
+    v[0]
+}
+
+/// Values per block of [`exp_block`] and [`tanh_block`] in the element-wise loops: four
+/// AVX-512 vectors.
+pub const BLOCK: usize = 64;
+
+/// [`exp`] of every value, one step of the computation at a time across the block. One
+/// value's e^x is a chain of about 25 dependent operations; a loop that runs the whole chain
+/// per vector keeps only two or three vectors in flight (the scheduler's window is full of the
+/// chain), so it runs at the chain's latency. Step by step over several vectors, the chains are
+/// interleaved and the loop runs at the vector units' throughput. Same operations in the same
+/// order, so the result is the same for any block length.
+#[inline(always)]
+pub fn exp_block<const W: usize>(x: &mut [f32; W]) {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split so that n·LN2_HI is exact for |n| <= 256 (Cody–Waite reduction).
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Round to nearest by adding 1.5·2^23 (|x·log2 e| < 2^22): the sum's low mantissa bits
+    // then hold n + 2^22, so n comes out of the bits with no float-to-int conversion. Unlike
+    // `round`/`floor` (libm calls without SSE4.1) and `as i32` (saturating, with NaN checks),
+    // this vectorises on any x86-64.
+    const ROUNDER: f32 = 12_582_912.0;
+    let xc: [f32; W] = std::array::from_fn(|i| x[i].clamp(EXP_LO, EXP_HI));
+    let t: [f32; W] = std::array::from_fn(|i| xc[i] * LOG2E + ROUNDER);
+    let n: [f32; W] = std::array::from_fn(|i| t[i] - ROUNDER);
+    let ni: [i32; W] = std::array::from_fn(|i| t[i].to_bits() as i32 - ROUNDER.to_bits() as i32);
+    let r: [f32; W] = std::array::from_fn(|i| (xc[i] - n[i] * LN2_HI) - n[i] * LN2_LO);
+    // Minimax polynomial for (e^r − 1 − r)/r² on |r| <= ln2/2 (Cephes expf).
+    let mut p = [1.987_569_1e-4f32; W];
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        for (p, &r) in p.iter_mut().zip(&r) {
+            *p = *p * r + c;
+        }
+    }
+    // 2^n as 2^n1·2^n2 with both halves in [−64, 64], so that n = 128 (x near EXP_HI) and
+    // n = −126 (x near EXP_LO) stay representable.
+    let pow2 = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
+    for i in 0..W {
+        let er = p[i] * r[i] * r[i] + r[i] + 1.0;
+        let n1 = ni[i] >> 1;
+        let y = er * pow2(n1) * pow2(ni[i] - n1);
+        let y = if x[i] > EXP_HI { f32::INFINITY } else { y };
+        let y = if x[i] < EXP_LO { 0.0 } else { y };
+        x[i] = if x[i].is_nan() { x[i] } else { y };
+    }
+}
+
+/// [`tanh`] of every value, step by step across the block as [`exp_block`].
+#[inline(always)]
+pub fn tanh_block<const W: usize>(x: &mut [f32; W]) {
+    let mut e: [f32; W] = std::array::from_fn(|i| -2.0 * x[i].abs());
+    exp_block(&mut e);
+    for (x, &e) in x.iter_mut().zip(&e) {
+        *x = ((1.0 - e) / (1.0 + e)).copysign(*x);
+    }
 }
 
 /// Whether every value is finite (the scan every op runs over its inputs and results): integer

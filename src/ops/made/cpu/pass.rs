@@ -34,26 +34,43 @@ fn transform(
     y: &mut [f32],
     s_out: &mut [f32],
 ) {
+    let n = y.len();
+    let full = n - n % vmath::BLOCK;
+    let args = (dir, clamp, g, b, raw);
+    for o in (0..full).step_by(vmath::BLOCK) {
+        transform_block::<{ vmath::BLOCK }>(args, o, y, s_out);
+    }
+    for o in full..n {
+        transform_block::<1>(args, o, y, s_out);
+    }
+}
+
+/// `transform` of values `o .. o + W`, each step across the block (see `vmath::exp_block`).
+#[inline(always)]
+fn transform_block<const W: usize>(
+    (dir, clamp, g, b, raw): (Direction, f32, &[f32], &[f32], &[f32]),
+    o: usize,
+    y: &mut [f32],
+    s_out: &mut [f32],
+) {
     let inv = 1.0 / clamp;
-    let it = y
-        .iter_mut()
-        .zip(s_out.iter_mut())
-        .zip(g.iter().zip(b).zip(raw));
-    match dir {
-        Direction::Forward => {
-            for ((y, s_out), ((&g, &b), &raw)) in it {
-                let s = clamp * vmath::tanh(raw * inv);
-                *y = g * vmath::exp(s) + b;
-                *s_out = s;
-            }
-        }
-        Direction::Inverse => {
-            for ((y, s_out), ((&g, &b), &raw)) in it {
-                let s = clamp * vmath::tanh(raw * inv);
-                *y = (g - b) * vmath::exp(-s);
-                *s_out = s;
-            }
-        }
+    let at = o..o + W;
+    let (g, b, raw) = (&g[at.clone()], &b[at.clone()], &raw[at.clone()]);
+    let (y, s_out) = (&mut y[at.clone()], &mut s_out[at]);
+    let mut s: [f32; W] = std::array::from_fn(|i| raw[i] * inv);
+    vmath::tanh_block(&mut s);
+    s.iter_mut().for_each(|s| *s *= clamp);
+    let mut e: [f32; W] = match dir {
+        Direction::Forward => s,
+        Direction::Inverse => s.map(|s| -s),
+    };
+    vmath::exp_block(&mut e);
+    for i in 0..W {
+        y[i] = match dir {
+            Direction::Forward => g[i] * e[i] + b[i],
+            Direction::Inverse => (g[i] - b[i]) * e[i],
+        };
+        s_out[i] = s[i];
     }
 }
 
@@ -164,8 +181,8 @@ fn tile_forward(
     let dst = &mut y[t.cols.start * ld..t.cols.end * ld];
     let o = Operands {
         a: &t.w,
-        a_rs: t.prefix,
-        a_cs: 1,
+        a_rs: t.a_rs,
+        a_cs: t.a_cs,
         b: &input[..t.prefix * ld],
         ldb: ld,
         m: t.cols.len(),
@@ -200,6 +217,8 @@ fn layer_forward(
         .iter()
         .map(|t| Band {
             a: &t.w,
+            a_rs: t.a_rs,
+            a_cs: t.a_cs,
             k: t.prefix,
             rows: t.cols.clone(),
             bias: &layer.bias[t.cols.clone()],
@@ -389,8 +408,8 @@ fn parallel_backward_impl(
             // d input prefix += W_tileᵀ · Δ_tile.
             let o = Operands {
                 a: &t.w,
-                a_rs: 1,
-                a_cs: t.prefix,
+                a_rs: t.a_cs,
+                a_cs: t.a_rs,
                 b: delta_t,
                 ldb: ld,
                 m: t.prefix,

@@ -36,8 +36,13 @@ pub struct Tile {
     pub cols: Range<usize>,
     /// The number of leading input units (degree order) the tile reads.
     pub prefix: usize,
-    /// cols.len() × prefix, row-major: w[(c - cols.start) * prefix + a].
+    /// The masked weights of unit c and input a: w[(c − cols.start)·a_rs + a·a_cs].
     pub w: Vec<f32>,
+    /// Row-major (a_rs = prefix, a_cs = 1), except the tiles of `Tiling::Fixed`, which are
+    /// stored input by input (a_rs = 1, a_cs = cols.len()): the kernel then broadcasts a tile's
+    /// weights for one input from one cache line instead of from six rows.
+    pub a_rs: usize,
+    pub a_cs: usize,
 }
 
 /// One layer of the network in degree order.
@@ -197,11 +202,15 @@ impl PackedLayer {
                 Tiling::MinWidth(width) => self.group_end(start, width.max(1)),
             };
             let prefix = self.prefix(end - 1);
+            let (a_rs, a_cs) = match tiling {
+                Tiling::Fixed(_) => (1, end - start),
+                _ => (prefix, 1),
+            };
             let mut packed = vec![0.0f32; (end - start) * prefix];
             for c in start..end {
                 for a in 0..prefix {
                     if spec.connected(l, self.in_deg[a], self.out_deg[c]) {
-                        packed[(c - start) * prefix + a] =
+                        packed[(c - start) * a_rs + a * a_cs] =
                             w.data()[self.in_map[a] * m + self.out_map[c]];
                     }
                 }
@@ -210,6 +219,8 @@ impl PackedLayer {
                 cols: start..end,
                 prefix,
                 w: packed,
+                a_rs,
+                a_cs,
             });
             start = end;
         }
