@@ -1,6 +1,8 @@
 //! The host matrix: row-major f32, shape-checked. It is the CPU backend's storage and the
 //! currency in which every backend takes and returns data.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::backend::cpu::vmath::all_finite;
 use crate::error::{Error, Result};
 use crate::recycle;
@@ -15,7 +17,13 @@ pub struct Tensor {
     /// Set by an op that has checked every value finite (its outputs); cleared by every
     /// mutable access. The next op then skips its own scan of the values.
     finite: bool,
+    /// Names these values (see [`Tensor::stamp`]); 0 until asked for, and again after every
+    /// mutable access.
+    stamp: AtomicU64,
 }
+
+/// The next stamp to hand out (0 means none yet).
+static NEXT_STAMP: AtomicU64 = AtomicU64::new(1);
 
 impl Clone for Tensor {
     fn clone(&self) -> Self {
@@ -26,6 +34,7 @@ impl Clone for Tensor {
             cols: self.cols,
             data,
             finite: self.finite,
+            stamp: AtomicU64::new(self.stamp.load(Ordering::Relaxed)),
         }
     }
 }
@@ -87,6 +96,7 @@ impl Tensor {
             cols,
             data,
             finite: false,
+            stamp: AtomicU64::new(0),
         }
     }
 
@@ -157,13 +167,37 @@ impl Tensor {
     }
 
     pub fn data_mut(&mut self) -> &mut [f32] {
-        self.finite = false;
+        self.touch();
         &mut self.data
     }
 
     /// Whether an op has checked every value finite since the last mutable access.
     pub fn known_finite(&self) -> bool {
         self.finite
+    }
+
+    /// A number that names these values: tensors with the same stamp hold the same shape and
+    /// values (a copy keeps its original's stamp; any mutable access drops it, and the next
+    /// call hands out a new one). Caches of things derived from a tensor key them on it.
+    pub(crate) fn stamp(&self) -> u64 {
+        let s = self.stamp.load(Ordering::Relaxed);
+        if s != 0 {
+            return s;
+        }
+        let fresh = NEXT_STAMP.fetch_add(1, Ordering::Relaxed);
+        match self
+            .stamp
+            .compare_exchange(0, fresh, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Ok(_) => fresh,
+            Err(other) => other,
+        }
+    }
+
+    /// Forgets what is known about the values before a mutable access.
+    fn touch(&mut self) {
+        self.finite = false;
+        *self.stamp.get_mut() = 0;
     }
 
     /// Records that every value has been checked finite (by the op that made the tensor).
@@ -181,7 +215,7 @@ impl Tensor {
     }
 
     pub fn row_mut(&mut self, i: usize) -> &mut [f32] {
-        self.finite = false;
+        self.touch();
         let c = self.cols;
         &mut self.data[i * c..(i + 1) * c]
     }
@@ -191,7 +225,7 @@ impl Tensor {
     }
 
     pub fn set(&mut self, i: usize, j: usize, v: f32) {
-        self.finite = false;
+        self.touch();
         self.data[i * self.cols + j] = v;
     }
 

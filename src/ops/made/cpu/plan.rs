@@ -17,7 +17,7 @@ use crate::ops::made::MadeSpec;
 use crate::tensor::{Shaped, Tensor};
 
 /// How output units are grouped into tiles.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Tiling {
     /// One tile per distinct degree: what the sequential pass needs, since it finishes the
     /// units of degree k at step k.
@@ -145,6 +145,20 @@ impl Plan {
             clamp: spec.clamp,
             isa: Isa::best(),
         })
+    }
+
+    /// The memory the plan holds (packed weights, biases, degrees and maps), in bytes.
+    pub fn bytes(&self) -> usize {
+        let words: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let tiles: usize = l.tiles.iter().map(|t| t.w.len()).sum();
+                let per_unit = l.bias.len() + l.out_deg.len() + l.out_map.len() + l.by_degree.len();
+                tiles + per_unit + l.in_deg.len() + l.in_map.len()
+            })
+            .sum();
+        4 * (words + self.order.len()) + std::mem::size_of::<Plan>()
     }
 
     /// Turns per-tile weight gradients and degree-order bias gradients back into the layout
