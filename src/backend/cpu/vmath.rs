@@ -1,6 +1,8 @@
-//! exp and tanh written so that a loop over them vectorises (shared by the CPU reference ops).
-//! loop over them runs one element at a time; in the affine coupling they cost more than the
-//! conditioner's GEMMs. These are branch-free (selects only) and inline.
+//! exp and tanh written so that a loop over them vectorises (shared by the CPU reference ops):
+//! libm's are calls, so a loop over them runs one element at a time, and in the affine
+//! couplings and MADE transforms they would cost more than the GEMMs. These are branch-free
+//! (selects only) and inline, and come in block forms that run each step across a block of
+//! values ([`exp_block`], [`Blockwise`]).
 //!
 //! Accuracy: exp within 2 ulp of the correctly rounded value over the whole f32 range (with inf
 //! above ln(f32::MAX) and 0 below ln(f32::MIN_POSITIVE)); tanh within 2e-7 absolute, which is
@@ -84,6 +86,43 @@ pub fn exp_block<const W: usize>(x: &mut [f32; W]) {
         let y = if x[i] < EXP_LO { 0.0 } else { y };
         x[i] = if x[i].is_nan() { x[i] } else { y };
     }
+}
+
+/// An element-wise computation written for a block of `W` consecutive values at `at`, for
+/// any `W` (with the same result for every value whatever the block), run by [`blockwise`].
+pub trait Blockwise {
+    fn block<const W: usize>(&mut self, at: usize);
+}
+
+/// Runs `f` over the values `0..n`: blocks of [`BLOCK`], then of one AVX-512 vector, then
+/// single values.
+#[inline(always)]
+pub fn blockwise(n: usize, f: &mut impl Blockwise) {
+    let mut at = 0;
+    while at + BLOCK <= n {
+        f.block::<BLOCK>(at);
+        at += BLOCK;
+    }
+    while at + 16 <= n {
+        f.block::<16>(at);
+        at += 16;
+    }
+    while at < n {
+        f.block::<1>(at);
+        at += 1;
+    }
+}
+
+/// Values `at .. at + W` of `v` as an array.
+#[inline(always)]
+pub fn arr<const W: usize>(v: &[f32], at: usize) -> &[f32; W] {
+    v[at..at + W].try_into().expect("W values")
+}
+
+/// Values `at .. at + W` of `v` as a mutable array.
+#[inline(always)]
+pub fn arr_mut<const W: usize>(v: &mut [f32], at: usize) -> &mut [f32; W] {
+    (&mut v[at..at + W]).try_into().expect("W values")
 }
 
 /// [`tanh`] of every value, step by step across the block as [`exp_block`].

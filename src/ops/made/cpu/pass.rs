@@ -35,42 +35,49 @@ fn transform(
     s_out: &mut [f32],
 ) {
     let n = y.len();
-    let full = n - n % vmath::BLOCK;
-    let args = (dir, clamp, g, b, raw);
-    for o in (0..full).step_by(vmath::BLOCK) {
-        transform_block::<{ vmath::BLOCK }>(args, o, y, s_out);
-    }
-    for o in full..n {
-        transform_block::<1>(args, o, y, s_out);
-    }
+    let mut f = Transform {
+        dir,
+        clamp,
+        g: &g[..n],
+        b: &b[..n],
+        raw: &raw[..n],
+        y,
+        s_out: &mut s_out[..n],
+    };
+    vmath::blockwise(n, &mut f);
 }
 
-/// `transform` of values `o .. o + W`, each step across the block (see `vmath::exp_block`).
-#[inline(always)]
-fn transform_block<const W: usize>(
-    (dir, clamp, g, b, raw): (Direction, f32, &[f32], &[f32], &[f32]),
-    o: usize,
-    y: &mut [f32],
-    s_out: &mut [f32],
-) {
-    let inv = 1.0 / clamp;
-    let at = o..o + W;
-    let (g, b, raw) = (&g[at.clone()], &b[at.clone()], &raw[at.clone()]);
-    let (y, s_out) = (&mut y[at.clone()], &mut s_out[at]);
-    let mut s: [f32; W] = std::array::from_fn(|i| raw[i] * inv);
-    vmath::tanh_block(&mut s);
-    s.iter_mut().for_each(|s| *s *= clamp);
-    let mut e: [f32; W] = match dir {
-        Direction::Forward => s,
-        Direction::Inverse => s.map(|s| -s),
-    };
-    vmath::exp_block(&mut e);
-    for i in 0..W {
-        y[i] = match dir {
-            Direction::Forward => g[i] * e[i] + b[i],
-            Direction::Inverse => (g[i] - b[i]) * e[i],
+/// The arguments of `transform`, run a block at a time.
+struct Transform<'a> {
+    dir: Direction,
+    clamp: f32,
+    g: &'a [f32],
+    b: &'a [f32],
+    raw: &'a [f32],
+    y: &'a mut [f32],
+    s_out: &'a mut [f32],
+}
+
+impl vmath::Blockwise for Transform<'_> {
+    #[inline(always)]
+    fn block<const W: usize>(&mut self, at: usize) {
+        let (clamp, inv) = (self.clamp, 1.0 / self.clamp);
+        let (g, b) = (vmath::arr::<W>(self.g, at), vmath::arr::<W>(self.b, at));
+        let raw = vmath::arr::<W>(self.raw, at);
+        let mut s: [f32; W] = std::array::from_fn(|i| raw[i] * inv);
+        vmath::tanh_block(&mut s);
+        s.iter_mut().for_each(|s| *s *= clamp);
+        let mut e = match self.dir {
+            Direction::Forward => s,
+            Direction::Inverse => s.map(|s| -s),
         };
-        s_out[i] = s[i];
+        vmath::exp_block(&mut e);
+        // Whole arrays out (see `coupling::cpu::affine`).
+        *vmath::arr_mut::<W>(self.y, at) = match self.dir {
+            Direction::Forward => std::array::from_fn(|i| g[i] * e[i] + b[i]),
+            Direction::Inverse => std::array::from_fn(|i| (g[i] - b[i]) * e[i]),
+        };
+        *vmath::arr_mut::<W>(self.s_out, at) = s;
     }
 }
 
