@@ -1,7 +1,7 @@
 //! The host matrix: row-major f32, shape-checked. It is the CPU backend's storage and the
 //! currency in which every backend takes and returns data.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::backend::cpu::vmath::all_finite;
 use crate::error::{Error, Result};
@@ -14,9 +14,10 @@ pub struct Tensor {
     rows: usize,
     cols: usize,
     data: Vec<f32>,
-    /// Set by an op that has checked every value finite (its outputs); cleared by every
-    /// mutable access. The next op then skips its own scan of the values.
-    finite: bool,
+    /// Set once every value has been checked finite (by the op that made the tensor, or by a
+    /// scan that found them so); cleared by every mutable access. Later checks then skip the
+    /// scan (parameters, for instance, are scanned once per update, not once per op).
+    finite: AtomicBool,
     /// Names these values (see [`Tensor::stamp`]); 0 until asked for, and again after every
     /// mutable access.
     stamp: AtomicU64,
@@ -33,7 +34,7 @@ impl Clone for Tensor {
             rows: self.rows,
             cols: self.cols,
             data,
-            finite: self.finite,
+            finite: AtomicBool::new(self.known_finite()),
             stamp: AtomicU64::new(self.stamp.load(Ordering::Relaxed)),
         }
     }
@@ -95,7 +96,7 @@ impl Tensor {
             rows,
             cols,
             data,
-            finite: false,
+            finite: AtomicBool::new(false),
             stamp: AtomicU64::new(0),
         }
     }
@@ -171,9 +172,9 @@ impl Tensor {
         &mut self.data
     }
 
-    /// Whether an op has checked every value finite since the last mutable access.
+    /// Whether every value has been checked finite since the last mutable access.
     pub fn known_finite(&self) -> bool {
-        self.finite
+        self.finite.load(Ordering::Relaxed)
     }
 
     /// A number that names these values: tensors with the same stamp hold the same shape and
@@ -196,14 +197,14 @@ impl Tensor {
 
     /// Forgets what is known about the values before a mutable access.
     fn touch(&mut self) {
-        self.finite = false;
+        *self.finite.get_mut() = false;
         *self.stamp.get_mut() = 0;
     }
 
     /// Records that every value has been checked finite (by the op that made the tensor).
     pub(crate) fn mark_finite(&mut self) {
         debug_assert!(self.data.iter().all(|v| v.is_finite()));
-        self.finite = true;
+        *self.finite.get_mut() = true;
     }
 
     pub fn into_vec(mut self) -> Vec<f32> {
@@ -280,10 +281,18 @@ impl Tensor {
         Tensor::from_fn(self.cols, self.rows, |i, j| self.get(j, i))
     }
 
-    /// Whether every value is finite: known from the op that made the tensor, or one
-    /// vectorised scan.
+    /// Whether every value is finite: known (from the op that made the tensor, or an earlier
+    /// scan), or one vectorised scan, whose success is remembered.
     pub fn all_finite(&self) -> bool {
-        self.finite || all_finite(&self.data)
+        if self.known_finite() {
+            return true;
+        }
+        let finite = all_finite(&self.data);
+        if finite {
+            // Only `&mut self` methods change the values, so none can have since the scan.
+            self.finite.store(true, Ordering::Relaxed);
+        }
+        finite
     }
 
     /// Errors on the first NaN or infinity, naming where it is (looked up only on failure).
@@ -315,5 +324,35 @@ impl Tensor {
             .zip(&other.data)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f32::max))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scan that finds the values finite is remembered, and every kind of write forgets it
+    /// (and the stamp), so a NaN written afterwards is found again.
+    #[test]
+    fn what_is_known_about_the_values_is_forgotten_on_every_write() {
+        let writes: [&dyn Fn(&mut Tensor); 3] = [
+            &|t| t.data_mut()[5] = f32::NAN,
+            &|t| t.row_mut(1)[2] = f32::NAN,
+            &|t| t.set(1, 2, f32::NAN),
+        ];
+        for write in writes {
+            let mut t = Tensor::full(3, 3, 1.0);
+            assert!(!t.known_finite());
+            assert!(t.all_finite() && t.known_finite());
+            let stamp = t.stamp();
+            assert_eq!(t.stamp(), stamp);
+            assert_eq!(t.clone().stamp(), stamp);
+            assert!(t.clone().known_finite());
+            write(&mut t);
+            assert!(!t.known_finite());
+            assert_ne!(t.stamp(), stamp);
+            assert!(!t.all_finite() && t.check_finite("t").is_err());
+        }
+        assert_ne!(Tensor::zeros(1, 1).stamp(), Tensor::zeros(1, 1).stamp());
     }
 }
