@@ -10,6 +10,7 @@
 use super::kernel::{self, Init, Operands, PAD, Post, padded};
 use super::scratch::Scratch;
 use super::simd::Isa;
+use super::cache::Footprint;
 use super::transpose;
 use crate::nn::mlp::{Activation, Mlp};
 use crate::tensor::{Shaped, Tensor};
@@ -19,24 +20,34 @@ use crate::tensor::{Shaped, Tensor};
 pub const TILE_ROWS: usize = 48;
 
 /// One layer y = x·W + b with W (k × n) padded to `n_pad` columns, and, for the backward,
-/// Wᵀ (n × k) padded to `k_pad` columns (in buffers of the scratch arena: they are packed
-/// on every call).
+/// Wᵀ (n × k) padded to `k_pad` columns.
 pub struct PackedLayer {
     pub k: usize,
     pub n: usize,
     pub k_pad: usize,
     pub n_pad: usize,
-    w: Scratch,
-    b: Scratch,
-    wt: Scratch,
+    w: Vec<f32>,
+    b: Vec<f32>,
+    wt: Vec<f32>,
 }
 
-/// The network's weights laid out for the kernel, once per op call (a copy of the weights,
-/// shared by every chunk).
+/// The network's weights laid out for the kernel (a copy of the weights, shared by every
+/// chunk of an op, and kept by the ops for as long as the weights do not change).
 pub struct PackedMlp {
     pub act: Activation,
     pub layers: Vec<PackedLayer>,
     pub isa: Isa,
+}
+
+impl Footprint for PackedMlp {
+    fn bytes(&self) -> usize {
+        let floats: usize = self
+            .layers
+            .iter()
+            .map(|l| l.w.len() + l.b.len() + l.wt.len())
+            .sum();
+        4 * floats + std::mem::size_of::<Self>()
+    }
 }
 
 /// A tile's activations: what the forward leaves for the backward.
@@ -73,18 +84,17 @@ impl PackedMlp {
             .map(|l| {
                 let (k, n) = (l.w.rows(), l.w.cols());
                 let (k_pad, n_pad) = (padded(k), padded(n));
-                let mut w = Scratch::new(k * n_pad);
+                let mut w = vec![0.0; k * n_pad];
                 for (dst, src) in w.chunks_exact_mut(n_pad).zip(l.w.data().chunks_exact(n)) {
                     dst[..n].copy_from_slice(src);
-                    dst[n..].fill(0.0);
                 }
-                let mut b = Scratch::zeroed(n_pad);
+                let mut b = vec![0.0; n_pad];
                 b[..n].copy_from_slice(l.b.data());
-                let mut wt = Scratch::new(0);
+                let mut wt = Vec::new();
                 if transposed {
                     // Wᵀ[j, i] = W[i, j], with zeros in columns k .. k_pad: W's columns as
                     // rows (16 × 16 blocks at a time with AVX-512).
-                    wt = Scratch::new(n * k_pad);
+                    wt = vec![0.0; n * k_pad];
                     let identity: Vec<usize> = (0..n).collect();
                     transpose::gather_columns(isa, l.w.data(), n, k, &identity, &mut wt, k_pad);
                 }

@@ -3,6 +3,7 @@
 //! GEMM for other shapes (`gemm`), per-thread scratch buffers (`scratch`) and threads over
 //! chunks of the batch.
 
+pub mod cache;
 pub mod chunks;
 pub mod gemm;
 pub mod kernel;

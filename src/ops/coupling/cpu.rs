@@ -7,26 +7,41 @@
 //! stay in L1 (`backend::cpu::mlp`), and the tile's output rows are written once. The backward
 //! recomputes a tile's activations and runs the conditioner's backward on them right away,
 //! adding dW into the chunk's accumulators. Parameter gradients are summed over chunks in
-//! chunk order, so results do not depend on thread timing or count.
+//! chunk order, so results do not depend on thread timing or count. The packed conditioner is
+//! kept while its weights do not change (`backend::cpu::cache`), so the backward of a training
+//! step reuses the forward's and an evaluation packs once for all its batches.
 
 mod affine;
 mod spline;
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use spline::RqSpline;
 
 use super::{CouplingKind, CouplingOps, CouplingSpec};
 use crate::backend::Cpu;
+use crate::backend::cpu::cache::{Cache, stamps};
 use crate::backend::cpu::kernel::PAD;
 use crate::backend::cpu::mlp::{Grads, PackedMlp, TILE_ROWS};
 use crate::backend::cpu::scratch::Scratch;
 use crate::backend::cpu::vmath::all_finite;
 use crate::backend::cpu::{CHUNK_ROWS, par_fill};
 use crate::error::{Error, Result};
-use crate::nn::mlp::Mlp;
+use crate::nn::mlp::{Activation, Mlp};
 use crate::ops::Direction;
 use crate::tensor::{Shaped, Tensor};
+
+/// Packed conditioners by activation and weight stamps: at most 32 (a deep flow's layers, each
+/// used by a forward and a backward), 64 MiB in all.
+static PACKED: Cache<(Activation, Vec<u64>), PackedMlp> = Cache::new(32, 64 << 20);
+
+/// `net` packed, with Wᵀ (which the backward and the feature-major forward need; packing it
+/// once serves both passes of a step).
+fn packed(net: &Mlp<Tensor>) -> Result<Arc<PackedMlp>> {
+    let key = (net.act, stamps(net.tensors()));
+    PACKED.get_or_build(key, || Ok(PackedMlp::new(net, true)))
+}
 
 const OP: &str = "coupling";
 const OP_BACKWARD: &str = "coupling_backward";
@@ -43,7 +58,7 @@ impl CouplingOps for Cpu {
         let (rows, d) = (input.rows(), spec.dim);
         // A conditioner narrower than a vector runs feature-major (see `forward_tile_fm`).
         let feature_major = matches!(spec.kind, CouplingKind::Affine { .. }) && net.out_dim() < PAD;
-        let mlp = PackedMlp::new(net, feature_major);
+        let mlp = packed(net)?;
         let x = input.data();
         let ([out, logdet], chunks) = par_fill(rows, CHUNK_ROWS, [d, 1], |r, [y, ld]| {
             let x = &x[r.start * d..r.end * d];
@@ -84,7 +99,7 @@ impl CouplingOps for Cpu {
             input.check_finite("coupling_backward input")?;
             return Err(e);
         }
-        let mlp = PackedMlp::new(net, true);
+        let mlp = packed(net)?;
         let ([d_in], chunks) = par_fill(rows, CHUNK_ROWS, [d], |r, [g]| {
             let given = Given {
                 x: &input.data()[r.start * d..r.end * d],

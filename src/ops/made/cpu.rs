@@ -16,7 +16,7 @@ use crate::ops::Direction;
 use crate::tensor::{Shaped, Tensor};
 use pass::ChunkGrads;
 use plan::Tiling;
-use plans::PLANS;
+
 
 /// Tiles of the one-pass forward: six units, the height of the kernel's register block, each
 /// reading the prefix of its last unit. For D = 16 and hidden [128, 128] that multiplies about
@@ -104,7 +104,7 @@ impl MadeOps for Cpu {
     ) -> Result<(Tensor, Tensor)> {
         const OP: &str = "ar_parallel";
         validate(OP, spec, net, degrees, input)?;
-        let plan = PLANS.get(spec, net, Tiling::Fixed(FORWARD_TILE))?;
+        let plan = plans::plan(spec, net, Tiling::Fixed(FORWARD_TILE))?;
         forward_chunks(OP, input, FORWARD_CHUNK_ROWS, |x, y, ld| {
             pass::parallel(&plan, dir, x, y, ld)
         })
@@ -127,7 +127,7 @@ impl MadeOps for Cpu {
         d_logdet.expect_shape(OP, rows, 1)?;
         check_finite(d_out, || format!("{OP} d_out"))?;
         check_finite(d_logdet, || format!("{OP} d_logdet"))?;
-        let plan = PLANS.get(spec, net, Tiling::MinWidth(BACKWARD_TILE))?;
+        let plan = plans::plan(spec, net, Tiling::MinWidth(BACKWARD_TILE))?;
         let ([dx], parts) = par_fill(rows, CHUNK_ROWS, [d], |r, [dx]| {
             pass::parallel_backward(
                 &plan,
@@ -165,7 +165,7 @@ impl MadeOps for Cpu {
     ) -> Result<(Tensor, Tensor)> {
         const OP: &str = "ar_sequential";
         validate(OP, spec, net, degrees, input)?;
-        let plan = PLANS.get(spec, net, Tiling::Degree)?;
+        let plan = plans::plan(spec, net, Tiling::Degree)?;
         forward_chunks(OP, input, FORWARD_CHUNK_ROWS, |x, y, ld| {
             pass::sequential(&plan, dir, x, y, ld)
         })
