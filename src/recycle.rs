@@ -3,19 +3,22 @@
 //! An op's outputs at batch 512 and up are hundreds of KiB each. The allocator serves them
 //! from the top of its heap and gives that memory back to the system when they are freed at
 //! the end of a step, so every step page-faults them in again and the kernel zeroes every
-//! page: about a tenth of a training step on the CPU. A tensor's buffer goes back to its
+//! page: about a tenth of a training step on the CPU. Parameter gradients are smaller (a
+//! 64 × 64 weight is 16 KiB) but there are dozens per step, and together they are enough for
+//! the allocator to shrink its heap when they are freed, which costs the same page faults and
+//! an interrupt of every other core to flush its TLB. A tensor's buffer goes back to its
 //! thread's cache instead when it is dropped, and op outputs are taken from there. The cache
 //! is bounded ([`MAX_BUFFERS`] buffers, [`MAX_BYTES`] in all, only buffers of [`MIN_LEN`] to
 //! [`MAX_LEN`] values), and [`clear`] empties it.
 
 use std::cell::RefCell;
 
-/// Smaller buffers are left to the allocator (64 KiB).
-pub const MIN_LEN: usize = 1 << 14;
+/// Smaller buffers are left to the allocator (4 KiB).
+pub const MIN_LEN: usize = 1 << 10;
 /// Larger buffers are freed (64 MiB).
 pub const MAX_LEN: usize = 1 << 24;
-/// The most buffers a thread keeps.
-pub const MAX_BUFFERS: usize = 32;
+/// The most buffers a thread keeps (a training step's gradients of a deep flow, with room).
+pub const MAX_BUFFERS: usize = 128;
 /// The most memory a thread keeps (256 MiB).
 pub const MAX_BYTES: usize = 1 << 28;
 

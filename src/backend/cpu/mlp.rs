@@ -13,6 +13,7 @@ use super::simd::Isa;
 use super::cache::Footprint;
 use super::transpose;
 use crate::nn::mlp::{Activation, Mlp};
+use crate::recycle;
 use crate::tensor::{Shaped, Tensor};
 
 /// Rows per tile: small enough that a tile's activations and a 64×64 weight fit in L1 together,
@@ -84,12 +85,13 @@ impl PackedMlp {
             .map(|l| {
                 let (k, n) = (l.w.rows(), l.w.cols());
                 let (k_pad, n_pad) = (padded(k), padded(n));
-                let mut w = vec![0.0; k * n_pad];
-                for (dst, src) in w.chunks_exact_mut(n_pad).zip(l.w.data().chunks_exact(n)) {
-                    dst[..n].copy_from_slice(src);
+                let mut w = Vec::with_capacity(k * n_pad);
+                for row in l.w.data().chunks_exact(n) {
+                    w.extend_from_slice(row);
+                    w.resize(w.len() + n_pad - n, 0.0);
                 }
-                let mut b = vec![0.0; n_pad];
-                b[..n].copy_from_slice(l.b.data());
+                let mut b = l.b.data().to_vec();
+                b.resize(n_pad, 0.0);
                 let mut wt = Vec::new();
                 if transposed {
                     // Wᵀ[j, i] = W[i, j], with zeros in columns k .. k_pad: W's columns as
@@ -350,7 +352,7 @@ impl Grads {
     pub fn to_mlp(&self, mlp: &PackedMlp) -> Mlp<Tensor> {
         let mut tensors = Vec::with_capacity(2 * mlp.layers.len());
         for ((layer, w), b) in mlp.layers.iter().zip(&self.w).zip(&self.b) {
-            let mut unpadded = Vec::with_capacity(layer.k * layer.n);
+            let mut unpadded = recycle::take(layer.k * layer.n);
             for row in w.chunks_exact(layer.n_pad) {
                 unpadded.extend_from_slice(&row[..layer.n]);
             }

@@ -119,12 +119,12 @@ pub fn par_fill<const N: usize, T: Send>(
 
 /// Runs `f(start, blocks)` on consecutive blocks of at most `chunk` values of `N` slices of
 /// one length, in parallel; `start` is the blocks' offset in the slices. (Element-wise
-/// updates in place, such as an optimiser step.)
-pub fn par_blocks<const N: usize>(
+/// updates in place, such as an optimiser step.) The results come back in block order.
+pub fn par_blocks<const N: usize, T: Send>(
     slices: [&mut [f32]; N],
     chunk: usize,
-    f: impl Fn(usize, [&mut [f32]; N]) + Sync + Send,
-) {
+    f: impl Fn(usize, [&mut [f32]; N]) -> T + Sync + Send,
+) -> Vec<T> {
     let len = slices.first().map_or(0, |s| s.len());
     assert!(
         slices.iter().all(|s| s.len() == len),
@@ -133,7 +133,7 @@ pub fn par_blocks<const N: usize>(
     let chunk = chunk.max(1);
     let n = len.div_ceil(chunk);
     let blocks = split_blocks(slices, [chunk; N], n);
-    run_chunks(n, |i| f(i * chunk, blocks.take(i)));
+    run_chunks(n, |i| f(i * chunk, blocks.take(i)))
 }
 
 /// `N` slices cut into `n` consecutive blocks of `sizes[j]` values each (the last block may be

@@ -4,6 +4,7 @@ use super::{AdamHyper, OptimOps};
 use crate::backend::Cpu;
 use crate::backend::cpu::par_blocks;
 use crate::backend::cpu::simd::simd_dispatch;
+use crate::backend::cpu::vmath::all_finite;
 use crate::error::Result;
 use crate::tensor::{Shaped, Tensor};
 
@@ -31,9 +32,15 @@ impl OptimOps for Cpu {
         };
         let g = g.data();
         let slices = [p.data_mut(), m.data_mut(), v.data_mut()];
-        par_blocks(slices, ADAM_CHUNK, |start, [p, m, v]| {
-            adam(h, &step, p, &g[start..start + p.len()], m, v)
+        // Each block's new parameters are scanned while in cache, so that the next op need
+        // not scan them again (see `Tensor::known_finite`).
+        let finite = par_blocks(slices, ADAM_CHUNK, |start, [p, m, v]| {
+            adam(h, &step, p, &g[start..start + p.len()], m, v);
+            all_finite(p)
         });
+        if finite.iter().all(|&f| f) {
+            p.mark_finite();
+        }
         Ok(())
     }
 }
