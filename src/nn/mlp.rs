@@ -260,9 +260,13 @@ impl<M> Mlp<M> {
 
 /// The names of the tensors of an MLP with `layers` layers: "w0", "b0", "w1", "b1", ...
 pub fn tensor_names(layers: usize) -> Vec<String> {
-    (0..layers)
-        .flat_map(|i| [format!("w{i}"), format!("b{i}")])
-        .collect()
+    (0..2 * layers).map(tensor_name).collect()
+}
+
+/// The name of tensor `i` of [`Mlp::tensors`]: w0, b0, w1, b1, ...
+pub fn tensor_name(i: usize) -> String {
+    let kind = if i % 2 == 0 { "w" } else { "b" };
+    format!("{kind}{}", i / 2)
 }
 
 /// The widths a list of named tensors must have to rebuild an MLP ([`Mlp::from_named`]).

@@ -348,38 +348,39 @@ impl PackedMlp {
 }
 
 impl Grads {
-    /// These gradients, unpadded, as a network of the packed one's shape.
-    pub fn to_mlp(&self, mlp: &PackedMlp) -> Mlp<Tensor> {
+    /// The sum of chunks' gradients, in chunk order ((g₀ + g₁) + g₂ ...), unpadded, as a
+    /// network of the packed one's shape. One pass: each output row is summed while in L1.
+    pub fn sum(parts: &[Grads], mlp: &PackedMlp) -> Mlp<Tensor> {
         let mut tensors = Vec::with_capacity(2 * mlp.layers.len());
-        for ((layer, w), b) in mlp.layers.iter().zip(&self.w).zip(&self.b) {
-            let mut unpadded = recycle::take(layer.k * layer.n);
-            for row in w.chunks_exact(layer.n_pad) {
-                unpadded.extend_from_slice(&row[..layer.n]);
-            }
-            let w = Tensor::from_vec(layer.k, layer.n, unpadded);
-            tensors.push(w.expect("k · n values"));
-            tensors.push(Tensor::from_vec(1, layer.n, b[..layer.n].to_vec()).expect("n values"));
+        for (l, layer) in mlp.layers.iter().enumerate() {
+            let (n, n_pad) = (layer.n, layer.n_pad);
+            let w = sum_rows(parts.len(), layer.k, n, |p, r| {
+                &parts[p].w[l][r * n_pad..r * n_pad + n]
+            });
+            tensors.push(w);
+            tensors.push(sum_rows(parts.len(), 1, n, |p, _| &parts[p].b[l][..n]));
         }
         Mlp::from_tensors(mlp.act, tensors).expect("two tensors per layer")
     }
+}
 
-    /// Adds these gradients (unpadded) into `net`-shaped gradients.
-    pub fn add_to(&self, mlp: &PackedMlp, dst: &mut Mlp<Tensor>) {
-        for (((layer, w), b), d) in mlp
-            .layers
-            .iter()
-            .zip(&self.w)
-            .zip(&self.b)
-            .zip(dst.layers.iter_mut())
-        {
-            let rows = w.chunks_exact(layer.n_pad);
-            for (dst_row, src) in d.w.data_mut().chunks_exact_mut(layer.n).zip(rows) {
-                dst_row.iter_mut().zip(src).for_each(|(a, &v)| *a += v);
-            }
-            let db = d.b.data_mut();
-            db.iter_mut().zip(&b[..layer.n]).for_each(|(a, &v)| *a += v);
+/// A `rows × n` tensor whose row r is the sum over parts p, in order, of `row(p, r)`.
+fn sum_rows<'a>(
+    parts: usize,
+    rows: usize,
+    n: usize,
+    row: impl Fn(usize, usize) -> &'a [f32],
+) -> Tensor {
+    let mut data = recycle::take(rows * n);
+    for r in 0..rows {
+        let start = data.len();
+        data.extend_from_slice(row(0, r));
+        for p in 1..parts {
+            let sum = &mut data[start..];
+            sum.iter_mut().zip(row(p, r)).for_each(|(a, &v)| *a += v);
         }
     }
+    Tensor::from_vec(rows, n, data).expect("rows · n values")
 }
 
 /// out = act(pre), element-wise (the match outside the loop, so each arm is a plain loop).
@@ -453,9 +454,7 @@ mod tests {
                 dx.extend_from_slice(&dx_tile[r * k_pad..r * k_pad + k]);
             }
         }
-        let mut g = net.zeros_like();
-        grads.add_to(&p, &mut g);
-        (out, dx, g)
+        (out, dx, Grads::sum(&[grads], &p))
     }
 
     /// Forward in f64 keeping every layer's pre-activation and output.

@@ -28,7 +28,7 @@ use crate::backend::cpu::scratch::Scratch;
 use crate::backend::cpu::vmath::all_finite;
 use crate::backend::cpu::{CHUNK_ROWS, par_fill};
 use crate::error::{Error, Result};
-use crate::nn::mlp::{Activation, Mlp};
+use crate::nn::mlp::{Activation, Mlp, tensor_name};
 use crate::ops::Direction;
 use crate::tensor::{Shaped, Tensor};
 
@@ -122,17 +122,12 @@ impl CouplingOps for Cpu {
             backward_chunk(spec, &mlp, &given, g, r, dir).map_err(|e| (Stage::Result, e))
         });
         // Chunk partials are summed in row order.
-        let mut grads: Option<Mlp<Tensor>> = None;
-        for chunk in in_order(chunks)? {
-            match grads.as_mut() {
-                None => grads = Some(chunk.to_mlp(&mlp)),
-                Some(acc) => chunk.add_to(&mlp, acc),
+        let mut grads = Grads::sum(&in_order(chunks)?, &mlp);
+        for (i, t) in grads.tensors_mut().into_iter().enumerate() {
+            if !t.all_finite() {
+                let name = tensor_name(i);
+                t.check_finite(&format!("coupling_backward gradient of {name}"))?;
             }
-        }
-        let mut grads = grads.expect("a non-empty batch has at least one chunk");
-        let names = grads.tensor_names();
-        for (name, t) in names.iter().zip(grads.tensors_mut()) {
-            t.check_finite(&format!("coupling_backward gradient of {name}"))?;
             t.mark_finite();
         }
         // Every chunk checked its rows.
@@ -155,10 +150,10 @@ fn validate(
     }
     // The input is scanned by the chunks, in parallel (`Stage::Input`); only when a parameter
     // is bad is it scanned here first, so that a bad input still wins, as it always has.
-    for (name, t) in net.tensor_names().iter().zip(net.tensors()) {
+    for (i, t) in net.tensors().into_iter().enumerate() {
         if !t.all_finite() {
             input.check_finite(&format!("{op} input"))?;
-            t.check_finite(&format!("{op} conditioner {name}"))?;
+            t.check_finite(&format!("{op} conditioner {}", tensor_name(i)))?;
         }
     }
     Ok(())

@@ -11,7 +11,7 @@ use crate::backend::Cpu;
 use crate::backend::cpu::vmath::all_finite;
 use crate::backend::cpu::{CHUNK_ROWS, par_fill};
 use crate::error::{Error, Result};
-use crate::nn::mlp::Mlp;
+use crate::nn::mlp::{Mlp, tensor_name};
 use crate::ops::Direction;
 use crate::tensor::{Shaped, Tensor};
 use pass::ChunkGrads;
@@ -58,8 +58,8 @@ fn validate(
     if input.rows() == 0 {
         return Err(Error::Empty(format!("{op}: a batch with no rows")));
     }
-    for (name, t) in net.tensor_names().iter().zip(net.tensors()) {
-        check_finite(t, || format!("{op} parameter {name}"))?;
+    for (i, t) in net.tensors().into_iter().enumerate() {
+        check_finite(t, || format!("{op} parameter {}", tensor_name(i)))?;
     }
     check_finite(input, || format!("{op} input"))
 }
@@ -147,9 +147,8 @@ impl MadeOps for Cpu {
         let mut dx = dx;
         check_finite(&dx, || format!("{OP} d_input"))?;
         dx.mark_finite();
-        let names = grads.tensor_names();
-        for (name, t) in names.iter().zip(grads.tensors_mut()) {
-            check_finite(t, || format!("{OP} gradient of {name}"))?;
+        for (i, t) in grads.tensors_mut().into_iter().enumerate() {
+            check_finite(t, || format!("{OP} gradient of {}", tensor_name(i)))?;
             t.mark_finite();
         }
         Ok((dx, grads))
