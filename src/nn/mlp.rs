@@ -265,7 +265,7 @@ pub fn tensor_names(layers: usize) -> Vec<String> {
 
 /// The name of tensor `i` of [`Mlp::tensors`]: w0, b0, w1, b1, ...
 pub fn tensor_name(i: usize) -> String {
-    let kind = if i % 2 == 0 { "w" } else { "b" };
+    let kind = if i.is_multiple_of(2) { "w" } else { "b" };
     format!("{kind}{}", i / 2)
 }
 

@@ -7,10 +7,10 @@
 //! [`TILE_ROWS`] rows keeps each layer's activations in L1 (48 × 64 floats = 12 KiB); the
 //! buffers come from the thread's scratch arena, taken once per chunk of tiles.
 
+use super::cache::Footprint;
 use super::kernel::{self, Init, Operands, PAD, Post, padded};
 use super::scratch::Scratch;
 use super::simd::Isa;
-use super::cache::Footprint;
 use super::transpose;
 use crate::nn::mlp::{Activation, Mlp};
 use crate::recycle;

@@ -17,7 +17,6 @@ use crate::tensor::{Shaped, Tensor};
 use pass::ChunkGrads;
 use plan::Tiling;
 
-
 /// Tiles of the one-pass forward: six units, the height of the kernel's register block, each
 /// reading the prefix of its last unit. For D = 16 and hidden [128, 128] that multiplies about
 /// 7% more than the exact mask (whole degree groups of at least 16 units: 13%; dense: 89%).

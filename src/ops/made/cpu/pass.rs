@@ -72,7 +72,9 @@ impl vmath::Blockwise for Transform<'_> {
             Direction::Inverse => s.map(|s| -s),
         };
         vmath::exp_block(&mut e);
-        // Whole arrays out (see `coupling::cpu::affine`).
+        // Whole arrays out: stores into `self.y` between loads from the other slices would
+        // have to stay in order (the compiler cannot tell that they do not overlap), and be
+        // made one value at a time.
         *vmath::arr_mut::<W>(self.y, at) = match self.dir {
             Direction::Forward => std::array::from_fn(|i| g[i] * e[i] + b[i]),
             Direction::Inverse => std::array::from_fn(|i| (g[i] - b[i]) * e[i]),

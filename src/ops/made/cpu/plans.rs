@@ -93,7 +93,8 @@ mod tests {
         assert_eq!(plan(&reversed, &net, tiling).order, reversed.order());
         // Every way of writing to a weight gives a fresh plan with the new value.
         let first = net.layers[0].w.get(0, 0);
-        let writes: [&dyn Fn(&mut Tensor, f32); 3] = [
+        type Write<'a> = &'a dyn Fn(&mut Tensor, f32);
+        let writes: [Write; 3] = [
             &|w, v| w.data_mut()[0] = v,
             &|w, v| w.row_mut(0)[0] = v,
             &|w, v| w.set(0, 0, v),
