@@ -35,7 +35,7 @@ impl Clone for Tensor {
             cols: self.cols,
             data,
             finite: AtomicBool::new(self.known_finite()),
-            stamp: AtomicU64::new(self.stamp.load(Ordering::Relaxed)),
+            stamp: AtomicU64::new(self.stamp()),
         }
     }
 }

@@ -842,3 +842,37 @@ fn a_checked_output_changed_afterwards_is_checked_again() {
     y.set(0, 0, f32::INFINITY);
     assert!(!y.known_finite() && y.check_finite("y").is_err());
 }
+
+/// The CPU ops keep packed weights while the weights are unchanged. After a write to the
+/// weights in place, the layer computes what a layer built from new copies of the written
+/// weights computes (forward, and backward), not what the old packing would give; and
+/// freeing the caches changes no result.
+#[test]
+fn packed_weights_follow_every_write() {
+    let b = Cpu;
+    let spec = specs()[0];
+    let mut layer = random_layer(&b, spec, 3);
+    let x = random_input(&spec, 300, 4);
+    let d_z = random_input(&spec, 300, 5);
+    let d_ld = Tensor::full(300, 1, 0.5);
+    let pass = |l: &CouplingLayer<Cpu>| {
+        let (z, ld) = l.inverse(&b, &x).unwrap();
+        let (d_x, grads) = l.inverse_backward(&b, &x, &d_z, &d_ld).unwrap();
+        (z, ld, d_x, grads)
+    };
+    let before = pass(&layer);
+    assert_eq!(before, pass(&layer), "unchanged weights, same results");
+    for p in layer.params_mut() {
+        p.data_mut().iter_mut().for_each(|v| *v *= 0.5);
+    }
+    let after = pass(&layer);
+    assert_ne!(before.0, after.0, "the written weights are used");
+    let mut state = layer.state(&b).unwrap();
+    for (_, t) in &mut state.tensors {
+        *t = Tensor::from_vec(t.rows(), t.cols(), t.data().to_vec()).unwrap();
+    }
+    let fresh = CouplingLayer::from_state(&b, &state).unwrap();
+    assert_eq!(after, pass(&fresh));
+    flowfuse::backend::cpu::clear_caches();
+    assert_eq!(after, pass(&layer));
+}

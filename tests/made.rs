@@ -922,3 +922,41 @@ on_grid_backends!(
     grid_new_layer_is_identity,
     super::check_new_layer_is_identity
 );
+
+/// The CPU ops keep each network's packed plan while its weights are unchanged. After a write
+/// to the weights in place, every pass gives what new copies of the written weights give, not
+/// what the old plan would; and freeing the caches changes no result.
+#[test]
+fn plans_follow_every_write() {
+    let b = Cpu;
+    let (spec, mut net) = random_made(
+        5,
+        &[16, 16],
+        Activation::Relu,
+        Order::Natural,
+        HiddenDegrees::Cycle,
+        7,
+    );
+    let x = Tensor::randn(300, 5, &mut Rng::new(8));
+    let passes = |net: &Mlp<Tensor>| -> Vec<(Tensor, Tensor)> {
+        PASSES
+            .iter()
+            .map(|&p| run(&b, &spec, net, p, &x).unwrap())
+            .collect()
+    };
+    let before = passes(&net);
+    assert_eq!(before, passes(&net), "unchanged weights, same results");
+    for t in net.tensors_mut() {
+        t.data_mut().iter_mut().for_each(|v| *v *= 0.5);
+    }
+    let after = passes(&net);
+    assert_ne!(before[0], after[0], "the written weights are used");
+    let copies = net
+        .tensors()
+        .into_iter()
+        .map(|t| Tensor::from_vec(t.rows(), t.cols(), t.data().to_vec()).unwrap());
+    let fresh = Mlp::from_tensors(net.act, copies.collect()).unwrap();
+    assert_eq!(after, passes(&fresh));
+    flowfuse::backend::cpu::clear_caches();
+    assert_eq!(after, passes(&net));
+}

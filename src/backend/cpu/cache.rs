@@ -71,6 +71,11 @@ impl<K: PartialEq, V: Footprint> Cache<K, V> {
         Ok(value)
     }
 
+    /// Drops every kept value (values still in use live on until their last user is done).
+    pub fn clear(&self) {
+        self.kept().clear();
+    }
+
     /// The number of values kept and their bytes.
     #[cfg(test)]
     pub fn held(&self) -> (usize, usize) {
@@ -121,6 +126,10 @@ mod tests {
         let failed = cache.get_or_build(9, || Err(Error::invalid("no")));
         assert!(failed.is_err());
         assert_eq!(cache.held(), (2, 20));
+        cache.clear();
+        assert_eq!(cache.held(), (0, 0));
+        assert!(!Arc::ptr_eq(&a, &get(1)), "a cleared value is built again");
+        assert_eq!(built.get(), 5);
     }
 
     #[test]

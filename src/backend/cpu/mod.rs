@@ -61,6 +61,15 @@ impl Device for Cpu {
     }
 }
 
+/// Frees what the CPU backend keeps between ops: the weights packed for every model it has
+/// run (coupling conditioners, MADE plans; each cache holds at most 64 MiB) and this thread's
+/// recycled buffers ([`crate::recycle::clear`]). Nothing else changes: the next op packs again.
+pub fn clear_caches() {
+    crate::ops::coupling::cpu::clear_packed();
+    crate::ops::made::cpu::clear_plans();
+    crate::recycle::clear();
+}
+
 /// Runs `f` on consecutive row ranges of at most `chunk` rows, in parallel, and returns the
 /// results in row order (so that reductions over them are deterministic).
 pub fn par_row_chunks<T: Send>(

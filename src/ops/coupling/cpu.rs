@@ -36,6 +36,11 @@ use crate::tensor::{Shaped, Tensor};
 /// used by a forward and a backward), 64 MiB in all.
 static PACKED: Cache<(Activation, Vec<u64>), PackedMlp> = Cache::new(32, 64 << 20);
 
+/// Drops every kept packed conditioner.
+pub(crate) fn clear_packed() {
+    PACKED.clear();
+}
+
 /// `net` packed, with Wᵀ (which the backward and the feature-major forward need; packing it
 /// once serves both passes of a step).
 fn packed(net: &Mlp<Tensor>) -> Result<Arc<PackedMlp>> {

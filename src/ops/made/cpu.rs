@@ -6,6 +6,8 @@ mod pass;
 mod plan;
 mod plans;
 
+pub(crate) use plans::clear as clear_plans;
+
 use super::{MadeOps, MadeSpec};
 use crate::backend::Cpu;
 use crate::backend::cpu::vmath::all_finite;

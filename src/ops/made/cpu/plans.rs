@@ -33,6 +33,11 @@ impl Footprint for Plan {
 /// At most 16 plans (a 5-layer MAF's forward and backward, with room), 64 MiB in all.
 static PLANS: Cache<Key, Plan> = Cache::new(16, 64 << 20);
 
+/// Drops every kept plan.
+pub fn clear() {
+    PLANS.clear();
+}
+
 /// The plan of `net` (already checked against `spec`) with this tiling.
 pub fn plan(spec: &MadeSpec, net: &Mlp<Tensor>, tiling: Tiling) -> Result<Arc<Plan>> {
     plan_in(&PLANS, spec, net, tiling)
