@@ -75,9 +75,9 @@ pub struct Deltas {
 }
 
 impl PackedMlp {
-    /// Packs `net` (already shape-checked); `transposed` also packs Wᵀ, which the backward
-    /// and [`PackedMlp::forward_tile_fm`] need.
-    pub fn new(net: &Mlp<Tensor>, transposed: bool) -> Self {
+    /// Packs `net` (already shape-checked): W for the forward, and Wᵀ, which the backward and
+    /// [`PackedMlp::forward_tile_fm`] need (a packing is cached and serves both passes).
+    pub fn new(net: &Mlp<Tensor>) -> Self {
         let isa = Isa::best();
         let layers = net
             .layers
@@ -92,14 +92,11 @@ impl PackedMlp {
                 }
                 let mut b = l.b.data().to_vec();
                 b.resize(n_pad, 0.0);
-                let mut wt = Vec::new();
-                if transposed {
-                    // Wᵀ[j, i] = W[i, j], with zeros in columns k .. k_pad: W's columns as
-                    // rows (16 × 16 blocks at a time with AVX-512).
-                    wt = vec![0.0; n * k_pad];
-                    let identity: Vec<usize> = (0..n).collect();
-                    transpose::gather_columns(isa, l.w.data(), n, k, &identity, &mut wt, k_pad);
-                }
+                // Wᵀ[j, i] = W[i, j], with zeros in columns k .. k_pad: W's columns as rows
+                // (16 × 16 blocks at a time with AVX-512).
+                let mut wt = vec![0.0; n * k_pad];
+                let identity: Vec<usize> = (0..n).collect();
+                transpose::gather_columns(isa, l.w.data(), n, k, &identity, &mut wt, k_pad);
                 PackedLayer {
                     k,
                     n,
@@ -423,7 +420,7 @@ mod tests {
         x: &Tensor,
         c: &Tensor,
     ) -> (Vec<f32>, Vec<f32>, Mlp<Tensor>) {
-        let p = PackedMlp::new(net, true).with_isa(isa);
+        let p = PackedMlp::new(net).with_isa(isa);
         let (rows, k) = x.shape();
         let (n, n_pad, k_pad) = (p.out_dim(), p.out_pad(), p.in_pad());
         let mut tape = p.tape();

@@ -45,7 +45,7 @@ pub(crate) fn clear_packed() {
 /// once serves both passes of a step).
 fn packed(net: &Mlp<Tensor>) -> Result<Arc<PackedMlp>> {
     let key = (net.act, stamps(net.tensors()));
-    PACKED.get_or_build(key, || Ok(PackedMlp::new(net, true)))
+    PACKED.get_or_build(key, || Ok(PackedMlp::new(net)))
 }
 
 const OP: &str = "coupling";
