@@ -297,13 +297,18 @@ impl Tensor {
 
     /// Errors on the first NaN or infinity, naming where it is (looked up only on failure).
     pub fn check_finite(&self, what: &str) -> Result<()> {
+        self.check_finite_with(|| what.to_string())
+    }
+
+    /// [`Tensor::check_finite`] with the description made only for an error.
+    pub fn check_finite_with(&self, what: impl FnOnce() -> String) -> Result<()> {
         if self.all_finite() {
             return Ok(());
         }
         match self.data.iter().position(|v| !v.is_finite()) {
             None => Ok(()),
             Some(k) => Err(Error::NonFinite {
-                what: what.to_string(),
+                what: what(),
                 row: k / self.cols.max(1),
                 col: k % self.cols.max(1),
             }),

@@ -258,6 +258,19 @@ impl<M> Mlp<M> {
     }
 }
 
+impl Mlp<crate::tensor::Tensor> {
+    /// Errors on the first non-finite value, naming its tensor by `what(name)` (formatted only
+    /// for an error); otherwise marks every tensor known finite (an op's gradients, checked
+    /// once here, are not scanned again by the optimiser or the next op).
+    pub(crate) fn check_finite_and_mark(&mut self, what: impl Fn(&str) -> String) -> Result<()> {
+        for (i, t) in self.tensors_mut().into_iter().enumerate() {
+            t.check_finite_with(|| what(&tensor_name(i)))?;
+            t.mark_finite();
+        }
+        Ok(())
+    }
+}
+
 /// The names of the tensors of an MLP with `layers` layers: "w0", "b0", "w1", "b1", ...
 pub fn tensor_names(layers: usize) -> Vec<String> {
     (0..2 * layers).map(tensor_name).collect()

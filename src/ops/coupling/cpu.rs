@@ -128,13 +128,7 @@ impl CouplingOps for Cpu {
         });
         // Chunk partials are summed in row order.
         let mut grads = Grads::sum(&in_order(chunks)?, &mlp);
-        for (i, t) in grads.tensors_mut().into_iter().enumerate() {
-            if !t.all_finite() {
-                let name = tensor_name(i);
-                t.check_finite(&format!("coupling_backward gradient of {name}"))?;
-            }
-            t.mark_finite();
-        }
+        grads.check_finite_and_mark(|name| format!("coupling_backward gradient of {name}"))?;
         // Every chunk checked its rows.
         let mut d_in = d_in;
         d_in.mark_finite();
@@ -157,8 +151,8 @@ fn validate(
     // is bad is it scanned here first, so that a bad input still wins, as it always has.
     for (i, t) in net.tensors().into_iter().enumerate() {
         if !t.all_finite() {
-            input.check_finite(&format!("{op} input"))?;
-            t.check_finite(&format!("{op} conditioner {}", tensor_name(i)))?;
+            input.check_finite_with(|| format!("{op} input"))?;
+            t.check_finite_with(|| format!("{op} conditioner {}", tensor_name(i)))?;
         }
     }
     Ok(())

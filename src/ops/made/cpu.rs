@@ -33,15 +33,6 @@ const BACKWARD_TILE: usize = 16;
 /// cost per tile. (The backward keeps every layer and uses the default.)
 const FORWARD_CHUNK_ROWS: usize = 2 * CHUNK_ROWS;
 
-/// `Tensor::check_finite` with the message formatted only on failure.
-fn check_finite(t: &Tensor, what: impl FnOnce() -> String) -> Result<()> {
-    if t.all_finite() {
-        Ok(())
-    } else {
-        t.check_finite(&what())
-    }
-}
-
 /// Everything the ops check before touching data.
 fn validate(
     op: &'static str,
@@ -60,9 +51,9 @@ fn validate(
         return Err(Error::Empty(format!("{op}: a batch with no rows")));
     }
     for (i, t) in net.tensors().into_iter().enumerate() {
-        check_finite(t, || format!("{op} parameter {}", tensor_name(i)))?;
+        t.check_finite_with(|| format!("{op} parameter {}", tensor_name(i)))?;
     }
-    check_finite(input, || format!("{op} input"))
+    input.check_finite_with(|| format!("{op} input"))
 }
 
 /// Runs a forward pass over chunks of `chunk` rows in parallel, each writing straight into its
@@ -83,10 +74,10 @@ fn forward_chunks(
         (all_finite(y), all_finite(ld))
     });
     if !finite.iter().all(|f| f.0) {
-        check_finite(&y, || format!("{op} output"))?;
+        y.check_finite_with(|| format!("{op} output"))?;
     }
     if !finite.iter().all(|f| f.1) {
-        check_finite(&ld, || format!("{op} logdet"))?;
+        ld.check_finite_with(|| format!("{op} logdet"))?;
     }
     let (mut y, mut ld) = (y, ld);
     y.mark_finite();
@@ -126,8 +117,8 @@ impl MadeOps for Cpu {
         let (rows, d) = input.shape();
         d_out.expect_shape(OP, rows, d)?;
         d_logdet.expect_shape(OP, rows, 1)?;
-        check_finite(d_out, || format!("{OP} d_out"))?;
-        check_finite(d_logdet, || format!("{OP} d_logdet"))?;
+        d_out.check_finite_with(|| format!("{OP} d_out"))?;
+        d_logdet.check_finite_with(|| format!("{OP} d_logdet"))?;
         let plan = plans::plan(spec, net, Tiling::MinWidth(BACKWARD_TILE))?;
         let ([dx], parts) = par_fill(rows, CHUNK_ROWS, [d], |r, [dx]| {
             pass::parallel_backward(
@@ -146,12 +137,9 @@ impl MadeOps for Cpu {
         }
         let mut grads = plan.unpack_grads(spec, &total.tiles, &total.bias);
         let mut dx = dx;
-        check_finite(&dx, || format!("{OP} d_input"))?;
+        dx.check_finite_with(|| format!("{OP} d_input"))?;
         dx.mark_finite();
-        for (i, t) in grads.tensors_mut().into_iter().enumerate() {
-            check_finite(t, || format!("{OP} gradient of {}", tensor_name(i)))?;
-            t.mark_finite();
-        }
+        grads.check_finite_and_mark(|name| format!("{OP} gradient of {name}"))?;
         Ok((dx, grads))
     }
 
